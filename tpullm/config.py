@@ -18,6 +18,7 @@ MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCH = ("dropless", "capacity")
+SEQUENCE_ATTENTION = ("all_gather", "ring")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor", "expert")
 
@@ -68,6 +69,20 @@ class ModelConfig:
     router_aux_loss: float = 0.01  # weight of the Switch/GLaM load-balancing loss (1.0 when balanced)
     router_z_loss: float = 0.001  # weight of the ST-MoE router z-loss, mean logsumexp(router logits)^2
     router_jitter: float = 0.0  # Switch: scale router inputs by U(1-j, 1+j), only when a "router" rng is given
+    # Sequence (context) parallelism: activations split along length over the mesh's `sequence`
+    # axis. How attention sees the other devices' keys and values: all_gather (each device gathers
+    # the whole row's keys/values) | ring (shard_map + ppermute around the axis, online softmax).
+    sequence_attention: str = "all_gather"
+    # ring: reorder each row so every device holds one chunk from each end (zigzag), which gives
+    # every device the same share of causally visible blocks.
+    sequence_load_balance: bool = True
+    # Pipeline parallelism: the stacked layers split over the mesh's `stage` axis (its degree must
+    # equal pipeline_stages). pipeline_microbatches=0: no pipeline; otherwise a GPipe schedule over
+    # that many microbatches (a multiple of pipeline_stages), with pipeline_repeats layer groups per
+    # stage visited in a circle (num_layers divisible by pipeline_stages * pipeline_repeats).
+    pipeline_stages: int = 1
+    pipeline_microbatches: int = 0
+    pipeline_repeats: int = 1
 
     def resolve(self) -> "ModelConfig":
         """A copy with the derived fields filled in, after validation."""
@@ -127,6 +142,7 @@ def validate_model(m: ModelConfig) -> None:
             f"model.num_heads")
     if m.rope_theta <= 0:
         raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
+    _choice("sequence_attention", m.sequence_attention, SEQUENCE_ATTENTION)
     _validate_moe(m)
 
 
