@@ -65,7 +65,12 @@ class ModelConfig:
     experts_per_token: int = 2
     moe_every: int = 1
     moe_dispatch: str = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard buffers, drops overflow)
-    capacity_factor: float = 1.25  # capacity: slots per expert = ceil(k * row length * factor / num_experts)
+    capacity_factor: float = 1.25  # capacity: slots per expert = ceil(k * group size * factor / num_experts)
+    # capacity: tokens per dispatch group (GShard's groups), dividing the row length; 0: one group per
+    # row. Dispatch/combine tensors hold group size x num_experts x slots per token group, so their
+    # size grows with the square of the group: groups of a few hundred to a few thousand tokens keep
+    # them small at long sequence lengths.
+    moe_group_size: int = 0
     router_aux_loss: float = 0.01  # weight of the Switch/GLaM load-balancing loss (1.0 when balanced)
     router_z_loss: float = 0.001  # weight of the ST-MoE router z-loss, mean logsumexp(router logits)^2
     router_jitter: float = 0.0  # Switch: scale router inputs by U(1-j, 1+j), only when a "router" rng is given
@@ -161,11 +166,22 @@ def _validate_moe(m: ModelConfig) -> None:
             f"scanned in groups of moe_every (the last of each group is the MoE layer)")
     if m.capacity_factor <= 0:
         raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be positive")
+    if m.moe_group_size < 0:
+        raise ConfigError(f"model.moe_group_size={m.moe_group_size} must be >= 0 (0: one dispatch group per row)")
     if m.router_aux_loss < 0 or m.router_z_loss < 0 or not 0 <= m.router_jitter < 1:
         raise ConfigError("model.router_aux_loss and model.router_z_loss must be >= 0 and model.router_jitter in [0, 1)")
     if m.dense_bias:
         raise ConfigError("model.dense_bias=True is not supported with experts (model.num_experts > 0): "
                           "expert MLPs have no biases (Mixtral, GLaM)")
+
+
+def moe_group_error(group: int, length: int, what: str) -> str:
+    """The message for a capacity dispatch group size that does not divide a row."""
+    below = max(g for g in range(1, min(group, length) + 1) if length % g == 0)
+    divisors = [below] + [g for g in range(group + 1, length + 1) if length % g == 0][:1]
+    return (f"model.moe_group_size={group} does not divide {what} {length} ({length} % {group} = {length % group}): "
+            f"capacity dispatch cuts each row into groups of moe_group_size tokens; pick a divisor of {length} "
+            f"(nearest: {' or '.join(map(str, divisors))}) or 0 for one group per row")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -245,6 +261,9 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}: "
             f"each microbatch must hold batch_size/grad_accum_steps whole sequences")
+    if model.num_experts and model.moe_dispatch == "capacity" and model.moe_group_size and \
+            d.seq_len % model.moe_group_size:
+        raise ConfigError(moe_group_error(model.moe_group_size, d.seq_len, "data.seq_len ="))
     if model.positions == "learned" and d.seq_len > model.max_length:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "

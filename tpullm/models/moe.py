@@ -6,13 +6,17 @@
   rounding), probabilities = softmax over all experts, the top k chosen; with k > 1 the chosen
   probabilities are renormalized to sum to 1 (GShard/GLaM/Mixtral), with k = 1 the gate is the raw
   probability (Switch: otherwise the gate is constant 1 and the router learns only from aux losses).
-- Dispatch "capacity" (GShard/GLaM): each row of the batch is a group; an expert takes at most
-  C = ceil(k * length * capacity_factor / E) of a row's tokens, first choices before second choices,
-  earlier tokens first; an assignment beyond C is dropped, so that token gets only its other
-  experts' outputs (or none: the block's residual carries it through). Dispatch and combine are
-  one-hot einsums, which XLA shards over the `expert` mesh axis like any other matmul.
+- Dispatch "capacity" (GShard/GLaM): each row is cut into groups of moe_group_size tokens (0: the
+  whole row is one group); an expert takes at most C = ceil(k * group size * capacity_factor / E)
+  of a group's tokens, first choices before second choices, earlier tokens first; an assignment
+  beyond C is dropped, so that token gets only its other experts' outputs (or none: the block's
+  residual carries it through). Padding (segment id 0) takes no slot. Dispatch and combine are
+  one-hot einsums, which XLA shards over the `expert` mesh axis like any other matmul; their
+  [group, E, C] tensors grow as group size^2, which is what groups bound.
 - Dispatch "dropless" (MegaBlocks-style): the k * tokens assignments are sorted by expert and the
-  experts run as one grouped matmul (`jax.lax.ragged_dot`); nothing is dropped.
+  experts run as one grouped matmul (`jax.lax.ragged_dot`); nothing is dropped. With an expert
+  mesh degree > 1 the sorted assignments travel to their experts' devices by all-to-all
+  (tpullm/models/expert_parallel.py).
 With no assignment dropped both compute the same sum.
 
 Aux losses, averaged over the real tokens (segment id > 0) of the call:
@@ -24,19 +28,22 @@ They, the per-expert load f and the dropped share are sown into `intermediates`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tpullm.config import ModelConfig
+from tpullm.config import ConfigError, ModelConfig, moe_group_error
+from tpullm.models import expert_parallel
 from tpullm.models.mlp import residual_std
 
-# Expert-major activations: the expert dimension on the `expert` mesh axis, the rows on the other
-# batch axes (the rules' fallback for activation_batch), so the dispatch einsum is an all-to-all.
-EXPERT_ACTIVATION = ("activation_expert", "activation_batch", None, "activation_embed")
-EXPERT_HIDDEN = ("activation_expert", "activation_batch", None, "activation_mlp")
+# Expert-major activations [E, batch, groups, slots, ...]: the expert dimension on the `expert` mesh
+# axis, the rows on the other batch axes (the rules' fallback for activation_batch), so the
+# dispatch einsum is an all-to-all.
+EXPERT_ACTIVATION = ("activation_expert", "activation_batch", "activation_length", None, "activation_embed")
+EXPERT_HIDDEN = ("activation_expert", "activation_batch", "activation_length", None, "activation_mlp")
 
 
 def route(logits, k: int):
@@ -60,30 +67,52 @@ def router_losses(logits, probs, experts, weight):
     return aux, z, load
 
 
-def capacity(cfg: ModelConfig, length: int) -> int:
-    """Slots per expert in one row; never more than the row's length (an expert sees a token once)."""
-    return min(length, math.ceil(cfg.experts_per_token * length * cfg.capacity_factor / cfg.num_experts))
+def group_size(cfg: ModelConfig, length: int) -> int:
+    """Tokens per capacity dispatch group: moe_group_size, which must divide the row length."""
+    if not cfg.moe_group_size:
+        return length
+    if length % cfg.moe_group_size:
+        raise ConfigError(moe_group_error(cfg.moe_group_size, length, "the row length"))
+    return cfg.moe_group_size
 
 
-def capacity_masks(experts, gates, num_experts: int, slots: int):
-    """GShard's dispatch and combine tensors for one group per row.
+def capacity(cfg: ModelConfig, group: int) -> int:
+    """Slots per expert in one group; never more than the group's size (an expert sees a token once)."""
+    return min(group, math.ceil(cfg.experts_per_token * group * cfg.capacity_factor / cfg.num_experts))
 
-    experts, gates: [b, l, k]. Returns dispatch [b, l, E, C] (0/1), combine [b, l, E, C] (gates)
-    and kept [b, l, k] (1 where the assignment found a slot).
+
+def capacity_masks(experts, gates, weight, num_experts: int, slots: int):
+    """GShard's dispatch and combine tensors, one set per group.
+
+    experts, gates: [n, G, k] (n groups of G tokens); weight [n, G]: 1 for real tokens, 0 for
+    padding, which takes no slot. Returns dispatch [n, G, E, C] (0/1), combine [n, G, E, C] (gates)
+    and kept [n, G, k] (1 where the assignment found a slot).
     """
-    b, l, k = experts.shape
-    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)  # [b, l, k, E]
+    n, g, k = experts.shape
+    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) * weight[:, :, None, None].astype(jnp.int32)
     # Slot of each assignment in its expert's buffer: count in k-major order, so every token's first
     # choice is placed before any second choice (GShard's priority).
-    k_major = chosen.transpose(0, 2, 1, 3).reshape(b, k * l, num_experts)
-    slot = (jnp.cumsum(k_major, axis=1) - 1).reshape(b, k, l, num_experts).transpose(0, 2, 1, 3)
-    slot = jnp.sum(slot * chosen, axis=-1)  # [b, l, k]
+    k_major = chosen.transpose(0, 2, 1, 3).reshape(n, k * g, num_experts)
+    slot = (jnp.cumsum(k_major, axis=1) - 1).reshape(n, k, g, num_experts).transpose(0, 2, 1, 3)
+    slot = jnp.sum(slot * chosen, axis=-1)  # [n, G, k]
     kept = slot < slots
-    in_slot = jax.nn.one_hot(jnp.where(kept, slot, slots), slots, dtype=jnp.float32)  # [b, l, k, C]; dropped: 0
+    in_slot = jax.nn.one_hot(jnp.where(kept, slot, slots), slots, dtype=jnp.float32)  # [n, G, k, C]; dropped: 0
     chosen = chosen.astype(jnp.float32)
-    dispatch = jnp.einsum("blke,blkc->blec", chosen, in_slot)
-    combine = jnp.einsum("blke,blkc,blk->blec", chosen, in_slot, gates)
+    dispatch = jnp.einsum("ngke,ngkc->ngec", chosen, in_slot)
+    combine = jnp.einsum("ngke,ngkc,ngk->ngec", chosen, in_slot, gates)
     return dispatch, combine, kept.astype(jnp.float32)
+
+
+def hidden(mlp: str, up, gate):
+    return nn.silu(gate) * up if mlp == "swiglu" else nn.gelu(up, approximate=True)
+
+
+def grouped_mlp(rows, group_sizes, w, mlp: str):
+    """rows [R, d] sorted by expert, group_sizes [E] -> [R, d]: each run of rows through
+    its expert, as one grouped matmul per weight; rows past sum(group_sizes) give 0."""
+    up = jax.lax.ragged_dot(rows, w["up"], group_sizes)  # [R, mlp]
+    gate = jax.lax.ragged_dot(rows, w["gate"], group_sizes) if "gate" in w else None
+    return jax.lax.ragged_dot(hidden(mlp, up, gate), w["down"], group_sizes)
 
 
 class MoeMlp(nn.Module):
@@ -101,9 +130,6 @@ class MoeMlp(nn.Module):
         if cfg.mlp == "swiglu":
             w["gate"] = weight("gate", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std)
         return {name: v.astype(jnp.dtype(cfg.compute_dtype)) for name, v in w.items()}
-
-    def _hidden(self, up, gate):
-        return nn.silu(gate) * up if self.config.mlp == "swiglu" else nn.gelu(up, approximate=True)
 
     @nn.compact
     def __call__(self, x, segment_ids):  # x: [batch, length, embed]; segment_ids: [batch, length]
@@ -126,19 +152,15 @@ class MoeMlp(nn.Module):
         gates = gates.astype(x.dtype)
 
         if cfg.moe_dispatch == "capacity":
-            dispatch, combine, kept = capacity_masks(experts.reshape(b, l, k), gates.reshape(b, l, k), num_experts,
-                                                     capacity(cfg, l))
-            expert_in = nn.with_logical_constraint(
-                jnp.einsum("blec,bld->ebcd", dispatch.astype(x.dtype), x), EXPERT_ACTIVATION)  # [E, b, C, d]
-            up = jnp.einsum("ebcd,edf->ebcf", expert_in, w["up"])
-            gate = jnp.einsum("ebcd,edf->ebcf", expert_in, w["gate"]) if "gate" in w else None
-            h = nn.with_logical_constraint(self._hidden(up, gate), EXPERT_HIDDEN)  # [E, b, C, mlp]
-            expert_out = nn.with_logical_constraint(jnp.einsum("ebcf,efd->ebcd", h, w["down"]), EXPERT_ACTIVATION)
-            y = jnp.einsum("ebcd,blec->bld", expert_out, combine.astype(x.dtype))
-            dropped = 1.0 - jnp.sum(weight * jnp.mean(kept.reshape(b * l, k), axis=-1)) / jnp.maximum(
-                jnp.sum(weight), 1.0)
+            y, dropped = self._capacity(x, gates.reshape(b, l, k), experts.reshape(b, l, k), weight.reshape(b, l), w)
         else:
-            y = self._dropless(x.reshape(b * l, d), gates, experts, w).reshape(b, l, d)
+            expert_mlp = functools.partial(grouped_mlp, mlp=cfg.mlp)
+            spec = expert_parallel.token_spec(x.shape)
+            if spec is None:
+                y = dropless(x.reshape(b * l, d), gates, experts, w, expert_mlp).reshape(b, l, d)
+            else:
+                y = expert_parallel.dropless(x, gates.reshape(b, l, k), experts.reshape(b, l, k), w, num_experts,
+                                             spec, expert_mlp)
             dropped = jnp.zeros((), jnp.float32)
 
         self.sow("intermediates", "aux_loss", aux)
@@ -147,15 +169,37 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "dropped", dropped)
         return y
 
-    def _dropless(self, x, gates, experts, w):
-        """x [T, d], gates/experts [T, k] -> [T, d]: assignments sorted by expert, one grouped matmul each."""
-        t, k = experts.shape
-        flat = experts.reshape(t * k)
-        order = jnp.argsort(flat, stable=True)  # [T*k]: assignment ids grouped by expert
-        sizes = jnp.bincount(flat, length=self.config.num_experts).astype(jnp.int32)  # [E]
-        xs = jnp.take(x, order // k, axis=0)  # [T*k, d], rows in expert order
-        up = jax.lax.ragged_dot(xs, w["up"], sizes)  # [T*k, mlp]
-        gate = jax.lax.ragged_dot(xs, w["gate"], sizes) if "gate" in w else None
-        out = jax.lax.ragged_dot(self._hidden(up, gate), w["down"], sizes)  # [T*k, d]
-        out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)  # back to assignment order
-        return jnp.einsum("tkd,tk->td", out, gates)
+    def _capacity(self, x, gates, experts, weight, w):
+        """x [b, l, d], gates/experts [b, l, k], weight [b, l] -> (y [b, l, d], dropped share of real
+        tokens' assignments)."""
+        cfg = self.config
+        b, l, d = x.shape
+        k = experts.shape[-1]
+        g = group_size(cfg, l)
+        n = l // g  # groups per row
+        dispatch, combine, kept = capacity_masks(experts.reshape(b * n, g, k), gates.reshape(b * n, g, k),
+                                                 weight.reshape(b * n, g), cfg.num_experts, capacity(cfg, g))
+        dispatch = dispatch.reshape(b, n, g, cfg.num_experts, -1).astype(x.dtype)  # [b, n, G, E, C]
+        combine = combine.reshape(dispatch.shape).astype(x.dtype)
+        expert_in = nn.with_logical_constraint(
+            jnp.einsum("bngec,bngd->ebncd", dispatch, x.reshape(b, n, g, d)), EXPERT_ACTIVATION)  # [E, b, n, C, d]
+        up = jnp.einsum("ebncd,edf->ebncf", expert_in, w["up"])
+        gate = jnp.einsum("ebncd,edf->ebncf", expert_in, w["gate"]) if "gate" in w else None
+        h = nn.with_logical_constraint(hidden(cfg.mlp, up, gate), EXPERT_HIDDEN)  # [E, b, n, C, mlp]
+        expert_out = nn.with_logical_constraint(jnp.einsum("ebncf,efd->ebncd", h, w["down"]), EXPERT_ACTIVATION)
+        y = jnp.einsum("ebncd,bngec->bngd", expert_out, combine).reshape(b, l, d)
+        weight = weight.reshape(b * l)
+        dropped = 1.0 - jnp.sum(weight * jnp.mean(kept.reshape(b * l, k), axis=-1)) / jnp.maximum(jnp.sum(weight), 1.0)
+        return y, dropped
+
+
+def dropless(x, gates, experts, w, expert_mlp):
+    """x [T, d], gates/experts [T, k] -> [T, d] on one device (or sharded by the rules alone):
+    assignments sorted by expert, one grouped matmul per weight."""
+    t, k = experts.shape
+    flat = experts.reshape(t * k)
+    order = jnp.argsort(flat, stable=True)  # [T*k]: assignment ids grouped by expert
+    sizes = jnp.bincount(flat, length=w["up"].shape[0]).astype(jnp.int32)  # [E]
+    out = expert_mlp(jnp.take(x, order // k, axis=0), sizes, w)  # [T*k, d], rows in expert order
+    out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)  # back to assignment order
+    return jnp.einsum("tkd,tk->td", out, gates)
