@@ -114,6 +114,67 @@ def test_dropped_tokens_pass_through_the_residual():
     assert np.abs(np.asarray(out[:, 0] - residual_only[:, 0])).max() > 0
 
 
+def _zero_router(params):
+    return {**params, "router": {"kernel": jnp.zeros_like(params["router"]["kernel"])}}
+
+
+def test_capacity_groups_split_rows():
+    # No drops: groups of 8 in rows of 16 compute what dropless does.
+    cfg = dataclasses.replace(CFG, moe_dispatch="capacity", capacity_factor=NO_DROP, moe_group_size=8)
+    x = jax.random.normal(jax.random.key(6), (2, 16, 32))
+    y, sown, params = _layer(cfg, x)
+    y_dropless, _, _ = _layer(dataclasses.replace(cfg, moe_dispatch="dropless"), x, params=params)
+    np.testing.assert_allclose(y, y_dropless, atol=1e-5)
+    assert float(sown["dropped"]) == 0.0
+    # A zero router sends every token to expert 0 (top-1); one slot per expert and group keeps the
+    # first token of each group of 4: tokens 0 and 4 of each row of 8.
+    cfg = dataclasses.replace(CFG, experts_per_token=1, moe_dispatch="capacity", capacity_factor=0.01,
+                              moe_group_size=4)
+    x = jax.random.normal(jax.random.key(7), (2, 8, 32))
+    _, _, params = _layer(cfg, x)
+    y, sown, _ = _layer(cfg, x, params=_zero_router(params))
+    kept = np.abs(np.asarray(y)).max(axis=(0, 2)) > 0
+    assert kept.tolist() == [True, False, False, False, True, False, False, False]
+    assert float(sown["dropped"]) == pytest.approx(6 / 8)
+    np.testing.assert_allclose(y[:, 4], _naive(cfg, _zero_router(params), x)[:, 4], atol=1e-6)
+
+
+def test_padding_takes_no_capacity_slot():
+    # Left padding (segment id 0) in front of 4 real tokens, all routed to expert 0 with 2 slots:
+    # the slots go to the first two real tokens, and half the real assignments drop.
+    cfg = dataclasses.replace(CFG, experts_per_token=1, moe_dispatch="capacity", capacity_factor=1.0)
+    assert moe.capacity(cfg, 8) == 2
+    x = jax.random.normal(jax.random.key(8), (2, 8, 32))
+    seg = jnp.ones((2, 8), jnp.int32).at[:, :4].set(0)
+    _, _, params = _layer(cfg, x, seg)
+    y, sown, _ = _layer(cfg, x, seg, params=_zero_router(params))
+    kept = np.abs(np.asarray(y)).max(axis=(0, 2)) > 0
+    assert kept.tolist() == [False] * 4 + [True, True, False, False]
+    assert float(sown["dropped"]) == pytest.approx(0.5)
+
+
+def test_group_size_must_divide_the_row():
+    cfg = dataclasses.replace(CFG, moe_dispatch="capacity", moe_group_size=5)
+    with pytest.raises(ConfigError, match=r"moe_group_size=5 does not divide the row length 16 \(16 % 5 = 1\)"):
+        _layer(cfg, jnp.ones((1, 16, 32)))
+    from configs import mixtral_8x7b
+    from tpullm import config as config_lib
+
+    c = mixtral_8x7b.get_config("tiny")
+    c.model.update(moe_dispatch="capacity", moe_group_size=96)
+    with pytest.raises(ConfigError, match=r"data.seq_len = 256 \(256 % 96 = 64\).*nearest: 64 or 128"):
+        config_lib.validate(c)
+
+
+def test_step_line_shows_the_router_metrics():
+    from tpullm.training.loop import format_step
+
+    m = {"loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 1000.0, "eta_sec": 10.0}
+    assert "moe" not in format_step(1, 10, m)
+    line = format_step(1, 10, {**m, "moe_aux_loss": 1.0625, "moe_dropped": 0.0312})
+    assert "moe_aux 1.062" in line and "dropped 3.1%" in line
+
+
 def test_padding_tokens_do_not_count_in_the_router_losses():
     x = jax.random.normal(jax.random.key(5), (2, 8, 32))
     seg = jnp.ones((2, 8), jnp.int32).at[:, 5:].set(0)
@@ -186,6 +247,7 @@ def test_train_step_adds_the_weighted_router_losses():
     (dict(moe_every=3), "moe_every=3"),
     (dict(moe_dispatch="sorted"), "moe_dispatch"),
     (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(moe_group_size=-1), "moe_group_size"),
     (dict(dense_bias=True), "dense_bias"),
 ])
 def test_bad_moe_configs_name_the_field(change, match):

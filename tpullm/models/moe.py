@@ -46,10 +46,24 @@ EXPERT_ACTIVATION = ("activation_expert", "activation_batch", "activation_length
 EXPERT_HIDDEN = ("activation_expert", "activation_batch", "activation_length", None, "activation_mlp")
 
 
+def top_k_indices(probs, k: int):
+    """[tokens, E] -> [tokens, k] indices of the k largest, ties to the lower index (as lax.top_k).
+
+    As k argmaxes, not lax.top_k: XLA's partitioner gathers a TopK's whole operand onto every device
+    (every token's router probabilities), while an argmax stays split over the token axes.
+    """
+    chosen = []
+    for _ in range(k):
+        chosen.append(jnp.argmax(probs, axis=-1))
+        probs = jnp.where(jax.nn.one_hot(chosen[-1], probs.shape[-1], dtype=bool), -jnp.inf, probs)
+    return jnp.stack(chosen, axis=-1).astype(jnp.int32)
+
+
 def route(logits, k: int):
     """logits [tokens, E] float32 -> (probs [tokens, E], gates [tokens, k], experts [tokens, k] int)."""
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(probs, k)
+    experts = top_k_indices(probs, k)
+    gates = jnp.take_along_axis(probs, experts, axis=-1)
     if k > 1:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return probs, gates, experts

@@ -209,6 +209,8 @@ def format_step(step: int, total: int, m: dict) -> str:
              f"{m['tokens_per_sec']:,.0f} tok/s"]
     if "mfu" in m:
         parts.append(f"MFU {m['mfu']:.1%}")
+    if "moe_aux_loss" in m:  # mixture of experts: load balance (1.0 = balanced) and dropped assignments
+        parts.append(f"moe_aux {m['moe_aux_loss']:.3f} dropped {m['moe_dropped']:.1%}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
     parts.append(f"ETA {metrics_lib.format_eta(m['eta_sec'])}")
