@@ -132,9 +132,29 @@ def _skewed_layer() -> dict:
             "all_to_all": "all-to-all" in step.as_text()}
 
 
+def _uneven_experts_error() -> str:
+    """6 experts cannot split over expert=4: the message the all-to-all path raises when traced."""
+    import flax.linen as nn
+
+    from tpullm.models.moe import MoeMlp
+    from tpullm.parallel import mesh as mesh_lib
+
+    config = moe_config({"data": 2, "expert": 4}, "dropless")
+    config.model.num_experts = 6
+    layer = MoeMlp(config_lib.validate(config))
+    x, seg = np.ones((8, 32, MOE["embed_dim"]), np.float32), np.ones((8, 32), np.int32)
+    params = nn.unbox(layer.init(jax.random.key(0), x, seg)["params"])
+    with jax.set_mesh(mesh_lib.make_mesh(config.mesh)), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+        try:
+            jax.jit(layer.apply).lower({"params": params}, x, seg)
+        except config_lib.ConfigError as e:
+            return str(e)
+    return ""
+
+
 def _worker(out_path):
     assert jax.device_count() == 8, jax.devices()
-    results = {"skewed": _skewed_layer()}
+    results = {"skewed": _skewed_layer(), "uneven_error": _uneven_experts_error()}
     for dispatch in dict.fromkeys(d for d, _, _ in CASES):
         loss0, grads0, metrics0, params0, facts0, state0 = _run(moe_config({"data": 1}, dispatch), jax.devices()[:1])
         for _, name, _ in [c for c in CASES if c[0] == dispatch]:
@@ -198,6 +218,11 @@ def test_capacity_gathers_whole_experts(strategies, name):
 def test_skewed_routing_fills_the_send_buffers(strategies):
     r = strategies["skewed"]
     assert r["all_to_all"] and r["value_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+
+
+def test_experts_must_divide_the_expert_degree(strategies):
+    assert "model.num_experts=6 does not split over the mesh's expert degree 4 (6 % 4 = 2)" in \
+        strategies["uneven_error"], strategies["uneven_error"]
 
 
 if __name__ == "__main__":
