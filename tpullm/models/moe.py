@@ -41,7 +41,8 @@ from tpullm.models.mlp import residual_std
 
 # Expert-major activations [E, batch, groups, slots, ...]: the expert dimension on the `expert` mesh
 # axis, the rows on the other batch axes (the rules' fallback for activation_batch), so the
-# dispatch einsum is an all-to-all.
+# dispatch einsum can become an all-to-all; when the experts are smaller than the dispatched slots
+# XLA gathers the experts instead (tests/test_moe_parallel.py).
 EXPERT_ACTIVATION = ("activation_expert", "activation_batch", "activation_length", None, "activation_embed")
 EXPERT_HIDDEN = ("activation_expert", "activation_batch", "activation_length", None, "activation_mlp")
 
