@@ -11,10 +11,11 @@ output and the logsumexp are saved, so memory per device stays flat as the row g
 sequence degree.
 
 Masks come from true token indices, so causal, sliding-window and packed rows work in any
-order of the row. That makes load balancing a permutation: under a causal mask device i of n
-would see i + 1 of n blocks, so the row is cut into 2n chunks and device i holds chunks i and
-2n-1-i (zigzag); every device then sees the same number of visible blocks, and fully masked
-blocks are skipped.
+order of the row, and tiles that order alone masks fully are skipped. That makes load balancing
+a permutation: with contiguous blocks, device i of n computes i + 1 blocks under a causal mask
+and the last device all n. Zigzag cuts the row into 2n chunks and gives device i chunks i and
+2n-1-i; each (query chunk, key chunk) tile is skipped on its own, so every device computes
+3 tiles of the local block and 2 of every other: (2n + 1) / 4 blocks' work instead of n.
 
 Only `sequence` is manual in the shard_map: batch, heads and the rest stay with the
 partitioner, so this composes with data, FSDP and tensor parallelism.
@@ -138,6 +139,10 @@ def _forward_shard(q, k, v, index, segment, *, window, n, chunks):
     """One device's share: q [b, l, heads, d], k/v [b, l, kv, d], index [l], segment [b, l], each
     `chunks` runs of consecutive tokens. Every (query run, key run) pair is one tile of scores,
     skipped when fully masked. Returns out [b, l, heads, d] and each query's logsumexp [b, kv, g, l]."""
+    # Tie the row's indices to the queries. Differentiating a scan over layers, JAX hoists what
+    # depends only on loop-invariant inputs (indices, segment ids) out of the loop and would keep
+    # every ring step's masks as residuals: n - 1 steps of them, memory growing with the degree.
+    q, index, segment = lax.optimization_barrier((q, index, segment))
     kv_heads = k.shape[2]
     qg = _grouped(q, kv_heads)  # [b, l, kv, g, d]
     b, _, _, group, d = qg.shape
