@@ -228,8 +228,8 @@ def _sharded(fn, in_specs, out_specs, window, chunks):
     n = sequence_degree()
     # check_vma=False: the loop carries start equal on every device and become per-device; the
     # op's derivative is the custom_vjp below, never shard_map's own transpose.
-    return jax.shard_map(functools.partial(fn, window=window, n=n, chunks=chunks), in_specs=in_specs, out_specs=out_specs,
-                         axis_names={AXIS}, check_vma=False)
+    return jax.shard_map(functools.partial(fn, window=window, n=n, chunks=chunks), in_specs=in_specs,
+                         out_specs=out_specs, axis_names={AXIS}, check_vma=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
