@@ -151,6 +151,20 @@ def validate_model(m: ModelConfig) -> None:
     _validate_moe(m)
 
 
+def check_sequence_split(length: int, degree: int, load_balance: bool) -> None:
+    """Ring attention cuts each row into `degree` equal blocks, or 2 x degree chunks when load
+    balanced (zigzag: each device holds one chunk from each end); raises ConfigError if it can't."""
+    parts = 2 * degree if load_balance else degree
+    if degree > 1 and length % parts:
+        how = (f"2 x sequence degree {degree} = {parts} chunks (model.sequence_load_balance: each device "
+               f"holds two)" if load_balance else f"sequence degree {degree} blocks")
+        fix = f"make data.seq_len a multiple of {parts}"
+        if load_balance and length % degree == 0:
+            fix += ", or set model.sequence_load_balance=False"
+        raise ConfigError(f"model.sequence_attention='ring': a row of {length} tokens does not split into {how} "
+                          f"({length} % {parts} = {length % parts}); {fix}")
+
+
 def _validate_moe(m: ModelConfig) -> None:
     if m.num_experts == 0:
         return
@@ -275,4 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
             f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)
+    if model.sequence_attention == "ring" and sequence > 1:  # (-1 degrees are checked when traced)
+        check_sequence_split(d.seq_len, sequence, model.sequence_load_balance)
     return model

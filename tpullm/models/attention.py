@@ -75,13 +75,23 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
-        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        v = nn.with_logical_constraint(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        from tpullm.models import ring_attention  # it builds on this module's mask and attention
 
-        index = jnp.arange(x.shape[1])
-        mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
-        out = dot_product_attention(q, k, v, mask)  # [b, l, heads, hd]
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        # Sequence parallelism: the ring passes key/value blocks round the `sequence` axis; all_gather
+        # keeps queries split along length and has XLA gather whole rows of keys and values.
+        kv_length = "activation_length" if cfg.sequence_attention == "ring" else None
+        k = nn.with_logical_constraint(k, ("activation_batch", kv_length, "activation_kv_heads", None))
+        v = nn.with_logical_constraint(v, ("activation_batch", kv_length, "activation_kv_heads", None))
+
+        index = ring_attention.token_index(cfg, x.shape[1])  # [l] each position's place in the row
+        if cfg.sequence_attention == "ring":
+            out = ring_attention.ring_attention(q, k, v, index, segment_ids, cfg.sliding_window,
+                                               zigzag=ring_attention.load_balanced(cfg))
+        else:
+            mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
+            mask = nn.with_logical_constraint(mask, ("activation_batch", "activation_length", None))  # local queries
+            out = dot_product_attention(q, k, v, mask)  # [b, l, heads, hd]
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
         return self.projection((h, hd, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "out",
                                residual_std(cfg), cfg.dense_bias, bias_axes=("embed",))(out)  # [b, l, embed]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
+from tpullm.models import ring_attention
 from tpullm.models.attention import Attention
 from tpullm.models.mlp import Mlp
 from tpullm.models.moe import MoeMlp
@@ -75,6 +76,8 @@ class Decoder(nn.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        # Ring attention's load balancing reorders the row (zigzag); masks follow true token indices.
+        tokens, segment_ids, positions = (ring_attention.zigzag(a, cfg) for a in (tokens, segment_ids, positions))
         dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
 
         def embed_table(num, name, axes):
@@ -100,6 +103,7 @@ class Decoder(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = stack(cfg, **kwargs, name="layers")(x, segment_ids, positions)
 
+        x = ring_attention.unzigzag(x, cfg)
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)

@@ -80,7 +80,8 @@ def initialize(settings: Settings) -> Settings:
 def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> slice:
     """The rows of a global [batch, ...] array that this process's devices hold: what a
     per-process data pipeline must read (then `loop.put_batch(..., global_batch_size)`)."""
-    index_map = sharding.addressable_devices_indices_map((global_batch_size, 1))
+    # A row length that any split of the length dimension divides (sequence parallelism splits it).
+    index_map = sharding.addressable_devices_indices_map((global_batch_size, len(sharding.device_set)))
     rows = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
                    for idx in index_map.values()})
     start, stop = rows[0][0], rows[-1][1]
