@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from tpullm import models
 from tpullm.config import ModelConfig
-from tpullm.models.attention import attention_mask, dot_product_attention
+from tpullm.models.dot_product import attention_mask, dot_product_attention
 from tpullm.models.rope import apply_rope
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from test_parallel import _rel, random_batch, strategy_config
 from tpullm import config as config_lib
 from tpullm.config import ConfigError
 from tpullm.models import ring_attention
-from tpullm.models.attention import attention_mask, dot_product_attention
+from tpullm.models.dot_product import attention_mask, dot_product_attention
 
 # 4 query heads sharing 2 key/value heads (grouped-query), small enough to compile quickly.
 TINY = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)

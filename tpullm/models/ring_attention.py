@@ -30,7 +30,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from tpullm.config import ModelConfig, check_sequence_split
-from tpullm.models.attention import MASKED, attention_mask, dot_product_attention
+from tpullm.models.dot_product import MASKED, attention_mask, dot_product_attention
 
 AXIS = "sequence"
 

@@ -1,0 +1,44 @@
+"""The attention computation itself: which keys each query may see, and softmax(q k^T / sqrt(d)) v.
+
+Which key a query may see is decided from token indices (causal order in the row) and
+segment ids (packed documents never see each other), never from `positions`, which restart
+at every document and only feed RoPE. Token indices are passed in, so a reordered row (ring
+attention's zigzag) keeps the same masks.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# Finite, so a row with nothing visible (padding) gives a uniform softmax instead of NaN.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(q_index, k_index, q_segment, k_segment, window: int = 0):
+    """Which keys each query may attend to.
+
+    q_index: [q_len], k_index: [k_len] token indices in the row; q_segment: [batch, q_len],
+    k_segment: [batch, k_len] document ids. window > 0 keeps the last `window` keys up to and
+    including the query itself (Mistral's sliding window). Returns bool [batch, q_len, k_len].
+    """
+    delta = q_index[:, None] - k_index[None, :]  # [q, k]
+    visible = delta >= 0
+    if window:
+        visible &= delta < window
+    same_doc = q_segment[:, :, None] == k_segment[:, None, :]  # [b, q, k]
+    return visible[None] & same_doc
+
+
+def dot_product_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v, with key/value heads shared by groups of query heads.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
+    mask: bool [batch, q_len, k_len]. Returns [batch, q_len, heads, head_dim].
+    """
+    b, q_len, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, q_len, kv_heads, heads // kv_heads, d)  # [b, q, kv_heads, group, d]
+    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, MASKED)  # [b, kv_heads, group, q, k]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bngqk,bknd->bqngd", probs, v)
+    return out.reshape(b, q_len, heads, d)
