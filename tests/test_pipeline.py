@@ -43,6 +43,7 @@ def pipe_config(ici=None, model=None):
     c = demo.get_config()
     c.data.seq_len = 32
     c.train.batch_size = 8
+    c.optimizer.warmup_steps = 0  # the first step's learning rate is the peak: the step moves the weights
     c.mesh.ici.update({"data": -1, **(ici or {})})
     c.model.update({**TINY, **(model or {})})
     return c
