@@ -32,9 +32,11 @@ STRATEGIES = {
     "stage=2,repeats=2": ({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=2)),
     "stage=2,fsdp=2,data=2": ({"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
 }
-SLOW = {  # 8 layers: two per stage per repeat would be too slow for the default run
+SLOW = {  # 8 layers, and the pipeline combined with the other model-parallel axes
     "stage=4,repeats=2": ({"stage": 4}, dict(pipeline_stages=4, pipeline_microbatches=4, pipeline_repeats=2,
                                              num_layers=8)),
+    "stage=2,tensor=2,data=2": ({"stage": 2, "tensor": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
+    "stage=2,sequence=2,data=2": ({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
 }
 FULL_STEP = "stage=2,fsdp=2,data=2"
 
@@ -56,7 +58,7 @@ def _rel(a, b) -> float:
 
 def _run(config, devices, train_step):
     """(loss, natural-layout grads, step metrics, natural params after the step, init params (natural),
-    params['layers'] bytes total and per device, collective-permutes in the compiled gradient)."""
+    params['layers'] bytes total and per device, {collective: count} in the compiled gradient)."""
     import flax.linen as nn
     from test_parallel import random_batch
 
@@ -87,8 +89,9 @@ def _run(config, devices, train_step):
         if train_step:
             new_state, metrics = loop.jit_train_step(setup, config)(state, batch)
             metrics, params = jax.device_get((metrics, natural(new_state.params)))
-        return (float(loss), natural(jax.device_get(grads)), metrics, params, init, layer_bytes,
-                hlo.count(" collective-permute(") + hlo.count(" collective-permute-start("))
+        collectives = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+                       for op in ("collective-permute", "all-gather")}
+        return float(loss), natural(jax.device_get(grads)), metrics, params, init, layer_bytes, collectives
 
 
 def _worker(out_path, which):
@@ -103,15 +106,15 @@ def _worker(out_path, which):
         if key not in references:  # the unpipelined model on one device
             references[key] = _run(pipe_config({"data": 1}, plain), jax.devices()[:1], train_step=True)
         loss0, grads0, metrics0, params0, init0, _, _ = references[key]
-        loss, grads, metrics, params, init, (total, per_device), permutes = _run(pipe_config(ici, model), None,
-                                                                                 full_step)
+        loss, grads, metrics, params, init, (total, per_device), collectives = _run(pipe_config(ici, model), None,
+                                                                                    full_step)
         flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
         r = {"loss_rel": abs(loss - loss0) / abs(loss0),
              "grad_rel": {jax.tree_util.keystr(k, simple=True, separator="/"): _rel(g, flat0[k])
                           for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]},
              "init_equal": all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(init0)))
              and jax.tree.structure(init) == jax.tree.structure(init0),
-             "layer_split": total / per_device, "collective_permutes": permutes}
+             "layer_split": total / per_device, "collectives": collectives}
         if full_step:
             r.update({
                 "step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
@@ -143,7 +146,9 @@ def _check_equal(r, name, ici, model):
     # Every stage holds only its own layers: params['layers'] bytes per device are 1/stages (and
     # half again with fsdp=2, less the replicated norm scales).
     assert r["layer_split"] >= model["pipeline_stages"] * (1.5 if ici.get("fsdp") else 1), r["layer_split"]
-    assert r["collective_permutes"] > 0  # the shift between stages
+    assert r["collectives"]["collective-permute"] > 0  # the shift between stages
+    if set(ici) == {"stage"}:  # ... and nothing is gathered across stages (FSDP, tensor, sequence gather their own)
+        assert r["collectives"]["all-gather"] == 0, r["collectives"]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -158,7 +163,7 @@ def test_train_step_through_the_pipeline_matches(meshes):
 
 
 @pytest.mark.slow
-def test_four_stages_with_two_repeats(tmp_path_factory):
+def test_more_stages_repeats_and_axes(tmp_path_factory):
     r = _results(tmp_path_factory, "slow")
     for name, (ici, model) in SLOW.items():
         _check_equal(r[name], name, ici, model)

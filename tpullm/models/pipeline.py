@@ -84,7 +84,8 @@ def _boxed_reshape(leaf, shape_fn, names_fn):
 
 
 def _map_layers(params, fn):
-    """Applies fn to the leaves of params['layers'] (a whole param tree) or of a layers subtree."""
+    """Applies fn to the leaves of params['layers'] (a whole param tree), or to every leaf of the
+    layer stack's own variables (what nn.map_variables hands over)."""
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     if "layers" in params:
         return {**params, "layers": jax.tree.map(fn, params["layers"], is_leaf=is_box)}
@@ -137,11 +138,12 @@ def merge_microbatches(x):
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def _constrain(tree, axes, lead):
+def _constrain(tree, axes, *lead):
+    """Sharding constraints: each array's names are `lead` then its entry of `axes`."""
     if axes is None:
         return tree
     # `tree` is a prefix of `axes`: each array meets its tuple of names.
-    return jax.tree.map(lambda x, a: nn.with_logical_constraint(x, (lead, *a)), tree, axes)
+    return jax.tree.map(lambda x, a: nn.with_logical_constraint(x, (*lead, *a)), tree, axes)
 
 
 def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
@@ -152,6 +154,12 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
     weights: leaves [R, S, ...] (lap, stage). inputs: pytree with leaves [M, ...] (microbatch-major).
     logical_axes: pytree like one microbatch of `inputs` with the logical axis names of each leaf
       (None: no sharding constraints). Returns the outputs, leaves [M, ...].
+
+    The microbatch buffer (inputs, then finished laps) is needed only by stage 0, which both feeds
+    from it and, after the shift, holds the last stage's output. So every stage keeps a copy
+    ([S, M, ...], sharded over `stage`: the same bytes per device as one replicated buffer) and
+    reads and writes only its own; stage 0's is the real one. The only communication per iteration
+    is then the shift, and the outputs leave stage 0 once at the end.
     """
     s_count, m_count, r_count = schedule.stages, schedule.microbatches, schedule.repeats
     stage_ids = jnp.arange(s_count)
@@ -161,30 +169,30 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
     run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
     take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
 
+    def on_first_stage(new, old):  # new where the stage is 0, old elsewhere
+        return jnp.where((stage_ids == 0).reshape(-1, *[1] * (old.ndim - 1)), new, old)
+
     def iteration(carry, t):
-        state, buffer = carry  # state leaves [S, ...]; buffer leaves [M, ...]
+        state, buffer = carry  # state leaves [S, ...]; buffer leaves [S, M, ...]
         # 1. inject: stage 0 starts item t, i.e. microbatch t % M (its input, or its previous lap).
-        fresh = jax.tree.map(lambda b: b[t % m_count], buffer)
-        state = jax.tree.map(lambda s, f: s.at[0].set(f), state, fresh)
+        state = jax.tree.map(lambda s, b: on_first_stage(b[:, t % m_count], s), state, buffer)
         # 2. every stage at once, each with the weights of the lap it is on.
-        items = schedule.item(t, stage_ids)  # [S]
-        laps = jnp.clip(items // m_count, 0, r_count - 1)
+        laps = jnp.clip(schedule.item(t, stage_ids) // m_count, 0, r_count - 1)  # [S]
         w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
         state = _constrain(run_stages(w, state), logical_axes, STAGE)
-        # 3. collect: the last stage finished item t - (S-1) (nothing yet in the first S-1 iterations).
+        # 3. shift every slot one stage on: the last stage's output wraps around to stage 0.
+        state = _constrain(jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state), logical_axes, STAGE)
+        # 4. collect: that output is item t - (S-1), finished (nothing yet in the first S-1 iterations).
         done = schedule.item(t, s_count - 1)
         slot = done % m_count
-        buffer = jax.tree.map(
-            lambda b, s: b.at[slot].set(jnp.where(done >= 0, s[-1], b[slot])), buffer, state)
-        # 4. shift every slot one stage on (the last stage's slot wraps to stage 0, to be replaced).
-        state = jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state)
-        return (_constrain(state, logical_axes, STAGE), buffer), None
+        buffer = jax.tree.map(lambda b, s: b.at[:, slot].set(jnp.where(done >= 0, s, b[:, slot])), buffer, state)
+        return (state, buffer), None
 
     state = jax.tree.map(lambda x: jnp.zeros((s_count, *x.shape[1:]), x.dtype), inputs)
-    state = _constrain(state, logical_axes, STAGE)
-    buffer = _constrain(inputs, logical_axes, None)
-    (_, outputs), _ = jax.lax.scan(iteration, (state, buffer), jnp.arange(schedule.iterations))
-    return outputs
+    buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (s_count, *x.shape)), inputs)
+    carry = (_constrain(state, logical_axes, STAGE), _constrain(buffer, logical_axes, STAGE, None))
+    (_, buffer), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+    return jax.tree.map(lambda b: b[0], buffer)
 
 
 def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes):

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
+from tpullm.models import pipeline
 from tpullm.models.attention import Attention
 from tpullm.models.mlp import Mlp
 from tpullm.models.moe import MoeMlp
 from tpullm.models.norms import make_norm
-from tpullm.models import pipeline
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
