@@ -37,6 +37,7 @@ and converts them, so both models start from identical values for the same seed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -146,7 +147,20 @@ def _constrain(tree, axes, *lead):
     return jax.tree.map(lambda x, a: nn.with_logical_constraint(x, (*lead, *a)), tree, axes)
 
 
-def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
+# Ops that only move or view data: redone in the backward pass instead of kept.
+_VIEWS = frozenset({"gather", "dynamic_slice", "slice", "reshape", "transpose", "squeeze", "expand_dims",
+                    "broadcast_in_dim", "convert_element_type", "copy"})
+
+
+def keep_all_but_views(prim, *_, **__) -> bool:
+    """The remat policy without remat: the backward pass keeps every computed value but views and
+    copies. With repeats the stages' weights for the current lap are a gather per iteration (and
+    the layers reshape them); keeping those would store a copy of every stage's weights for every
+    iteration, while redoing them costs no arithmetic."""
+    return prim.name not in _VIEWS
+
+
+def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, policy=keep_all_but_views):
     """Runs the circular GPipe schedule.
 
     stage_fn(w, x) -> x: one stage's layers for one microbatch; x is a pytree (what travels with a
@@ -154,6 +168,8 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
     weights: leaves [R, S, ...] (lap, stage). inputs: pytree with leaves [M, ...] (microbatch-major).
     logical_axes: pytree like one microbatch of `inputs` with the logical axis names of each leaf
       (None: no sharding constraints). Returns the outputs, leaves [M, ...].
+    policy: what the backward pass keeps of one iteration's stage computation (a jax.checkpoint
+      policy; None keeps only its inputs).
 
     The microbatch buffer (inputs, then finished laps) is needed only by stage 0, which both feeds
     from it and, after the shift, holds the last stage's output. So every stage keeps a copy
@@ -169,6 +185,12 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
     run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
     take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
 
+    # One iteration's stage computation: the stages' weights for their current laps, then the layers.
+    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
+    def stage_step(weights, laps, state):
+        w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
+        return run_stages(w, state)
+
     def on_first_stage(new, old):  # new where the stage is 0, old elsewhere
         return jnp.where((stage_ids == 0).reshape(-1, *[1] * (old.ndim - 1)), new, old)
 
@@ -178,8 +200,7 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
         state = jax.tree.map(lambda s, b: on_first_stage(b[:, t % m_count], s), state, buffer)
         # 2. every stage at once, each with the weights of the lap it is on.
         laps = jnp.clip(schedule.item(t, stage_ids) // m_count, 0, r_count - 1)  # [S]
-        w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
-        state = _constrain(run_stages(w, state), logical_axes, STAGE)
+        state = _constrain(stage_step(weights, laps, state), logical_axes, STAGE)
         # 3. shift every slot one stage on: the last stage's output wraps around to stage 0.
         state = _constrain(jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state), logical_axes, STAGE)
         # 4. collect: that output is item t - (S-1), finished (nothing yet in the first S-1 iterations).
@@ -195,12 +216,13 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None):
     return jax.tree.map(lambda b: b[0], buffer)
 
 
-def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes):
+def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes, policy):
     """The decoder's layer stack as a pipeline.
 
-    stage_module: an unbound module applying K layers (the scan of one group): (x, segment_ids,
-      positions) -> (x, _). layers: the stored layer params. x: [batch, length, embed];
-      segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
+    stage_module: an unbound module applying K layers (the scan of one group, without remat):
+      (x, segment_ids, positions) -> (x, _). layers: the stored layer params. x: [batch, length,
+      embed]; segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
+    policy: the remat policy of one iteration's stage computation (see `gpipe`).
     """
     m = cfg.pipeline_microbatches
     schedule = Schedule(cfg.pipeline_stages, m, cfg.pipeline_repeats)
@@ -212,5 +234,5 @@ def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_
 
     inputs = tuple(split_microbatches(a, m) for a in (x, segment_ids, positions))
     axes = (activation_axes, activation_axes[:2], activation_axes[:2])
-    out, _, _ = gpipe(stage_fn, stage_weights(layers, cfg), inputs, schedule, axes)
+    out, _, _ = gpipe(stage_fn, stage_weights(layers, cfg), inputs, schedule, axes, policy)
     return merge_microbatches(out)

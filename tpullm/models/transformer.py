@@ -62,11 +62,11 @@ def scan_body(cfg: ModelConfig):
     return BlockGroup, {}, cfg.num_layers // cfg.moe_every
 
 
-def layer_stack(cfg: ModelConfig, length: int | None = None):
+def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True):
     """(scanned module class, its extra kwargs, scan length): `length` scan steps of the block
-    (default: the whole stack), each step rematerialized per `remat_policy`."""
+    (default: the whole stack), each step rematerialized per `remat_policy` if `remat`."""
     block, kwargs, full = scan_body(cfg)
-    if cfg.remat_policy != "none":
+    if remat and cfg.remat_policy != "none":
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     # "router": the router-jitter rng, present only when the caller passes one (training).
     stack = nn.scan(
@@ -135,6 +135,8 @@ class Decoder(nn.Module):
             trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
         if self.is_initializing() or x.shape[0] % cfg.pipeline_microbatches:
             return layers(x, segment_ids, positions)[0]
-        group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats))
+        # Remat wraps a stage's whole group of layers (per iteration), not each layer.
+        group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
+        policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
         return pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]), x,
-                                   segment_ids, positions, cfg, ACTIVATION)
+                                   segment_ids, positions, cfg, ACTIVATION, policy)
