@@ -233,6 +233,19 @@ def test_pipelined_model_on_one_device_and_its_fallback():
                                    Decoder(plain).apply({"params": reference}, batch), rtol=1e-5, atol=1e-6)
 
 
+def test_repeats_keep_no_copy_of_the_weights_per_iteration():
+    """With repeats each iteration gathers the stages' weights for their laps; the backward pass must
+    redo that gather rather than keep a copy per iteration (which would make R=2 need more memory
+    than R=1, whose weights are the same every iteration). Weights dominate this model's memory."""
+    def temporaries(repeats):
+        cfg = _model(embed_dim=64, mlp_dim=256, pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=repeats)
+        model, tokens = Decoder(cfg), jnp.zeros((2, 8), jnp.int32)
+        grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))
+        return grad.lower(init_params(model, jax.random.key(0))).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries(2) < temporaries(1)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_layers=6, pipeline_stages=4, pipeline_microbatches=4),
      "model.num_layers=6 is not divisible by model.pipeline_stages=4 x model.pipeline_repeats=1 = 4"),
