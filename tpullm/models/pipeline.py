@@ -7,8 +7,14 @@ device group s holds slot s. One iteration:
   1. stage 0's slot takes the next microbatch (from the microbatch buffer),
   2. every stage applies its layers to its slot at once: a vmap over the stage axis of the
      stage-stacked weights, so each device group runs only its own stage,
-  3. the last stage's slot is a finished lap: it is written back to the microbatch buffer,
-  4. the buffer shifts by one stage (jnp.roll: XLA makes it a collective-permute).
+  3. the state buffer shifts by one stage (jnp.roll: XLA makes it a collective-permute), which
+     brings the last stage's output, a finished lap, to stage 0,
+  4. stage 0 writes it back to the microbatch buffer (the output, or the next lap's input).
+The shift is the only communication per iteration (see `gpipe` for where the buffer lives).
+
+Remat: the config's policy wraps one iteration's stage computation (all K layers of each stage),
+so with "full" the backward pass keeps one microbatch per stage and iteration. Without remat
+everything is kept except views and gathers (`keep_all_but_views`).
 
 Circular repeats (Narayanan et al. 2021, "interleaved"): with R repeats the L layers form R*S
 groups of K = L/(R*S) consecutive layers, and group r*S + s lives on stage s, so a microbatch goes
