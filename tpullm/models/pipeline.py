@@ -100,9 +100,8 @@ def _map_layers(params, fn):
 
 
 def _groups(cfg):
-    """(R, S, K): repeats, stages, scan steps per group."""
-    steps = cfg.num_layers // cfg.moe_every if cfg.num_experts else cfg.num_layers
-    return cfg.pipeline_repeats, cfg.pipeline_stages, steps // (cfg.pipeline_repeats * cfg.pipeline_stages)
+    """(R, S, K): repeats, stages, layers per group (dense models: MoE cannot be pipelined yet)."""
+    return cfg.pipeline_repeats, cfg.pipeline_stages, cfg.num_layers // (cfg.pipeline_repeats * cfg.pipeline_stages)
 
 
 def from_natural_layers(params, cfg):
