@@ -81,10 +81,11 @@ class ModelConfig:
     # ring: reorder each row so every device holds one chunk from each end (zigzag), which gives
     # every device the same share of causally visible blocks.
     sequence_load_balance: bool = True
-    # Pipeline parallelism: the stacked layers split over the mesh's `stage` axis (its degree must
-    # equal pipeline_stages). pipeline_microbatches=0: no pipeline; otherwise a GPipe schedule over
-    # that many microbatches (a multiple of pipeline_stages), with pipeline_repeats layer groups per
-    # stage visited in a circle (num_layers divisible by pipeline_stages * pipeline_repeats).
+    # Pipeline parallelism (tpullm/models/pipeline.py): the stacked layers split over the mesh's
+    # `stage` axis (its degree must equal pipeline_stages). pipeline_microbatches=0: no pipeline;
+    # otherwise a GPipe schedule over that many microbatches (at least pipeline_stages), with
+    # pipeline_repeats layer groups per stage visited in a circle (num_layers divisible by
+    # pipeline_stages * pipeline_repeats). Bubble: (stages-1) / (microbatches*repeats + stages-1).
     pipeline_stages: int = 1
     pipeline_microbatches: int = 0
     pipeline_repeats: int = 1
@@ -149,6 +150,34 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
     _choice("sequence_attention", m.sequence_attention, SEQUENCE_ATTENTION)
     _validate_moe(m)
+    _validate_pipeline(m)
+
+
+def _validate_pipeline(m: ModelConfig) -> None:
+    s, mb, r = m.pipeline_stages, m.pipeline_microbatches, m.pipeline_repeats
+    if s < 1 or r < 1 or mb < 0:
+        raise ConfigError(f"model.pipeline_stages={s} and model.pipeline_repeats={r} must be >= 1 and "
+                          f"model.pipeline_microbatches={mb} >= 0 (0: no pipeline)")
+    if not mb:
+        if r != 1:
+            raise ConfigError(f"model.pipeline_repeats={r} needs a pipeline: set model.pipeline_microbatches "
+                              f"(>= pipeline_stages={s}) or pipeline_repeats=1")
+        return
+    if m.num_experts:
+        raise ConfigError(
+            f"model.pipeline_microbatches={mb} with model.num_experts={m.num_experts}: the router losses that MoE "
+            f"layers sow do not flow through the pipeline; set pipeline_microbatches=0 for MoE models")
+    if m.num_layers % (s * r):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by model.pipeline_stages={s} x "
+            f"model.pipeline_repeats={r} = {s * r}; each stage holds num_layers / (stages x repeats) layers per "
+            f"repeat: change num_layers, pipeline_stages or pipeline_repeats")
+    if mb < s:
+        raise ConfigError(
+            f"model.pipeline_microbatches={mb} is smaller than model.pipeline_stages={s}: some stage would always "
+            f"be idle (bubble (stages-1)/(microbatches*repeats+stages-1) = {s - 1}/{mb * r + s - 1}), and with "
+            f"repeats a microbatch would re-enter the first stage before leaving the last; use at least {s} "
+            f"microbatches")
 
 
 def check_sequence_split(length: int, degree: int, load_balance: bool) -> None:
@@ -278,6 +307,13 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     if model.num_experts and model.moe_dispatch == "capacity" and model.moe_group_size and \
             d.seq_len % model.moe_group_size:
         raise ConfigError(moe_group_error(model.moe_group_size, d.seq_len, "data.seq_len ="))
+    micro = t.batch_size // t.grad_accum_steps
+    if model.pipeline_microbatches and micro % model.pipeline_microbatches:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = {micro} sequences "
+            f"per step is not divisible by model.pipeline_microbatches={model.pipeline_microbatches}; make "
+            f"batch_size a multiple of grad_accum_steps x pipeline_microbatches = "
+            f"{t.grad_accum_steps * model.pipeline_microbatches}")
     if model.positions == "learned" and d.seq_len > model.max_length:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "

@@ -1,7 +1,8 @@
 """The decoder-only transformer: embeddings, a scanned stack of pre-norm blocks, logits.
 
 The layers are one `nn.scan`, so their parameters are stacked along a leading `layers` axis
-and compile time does not grow with depth.
+and compile time does not grow with depth. With pipeline parallelism the same stack runs as a
+GPipe schedule over the mesh's `stage` axis (tpullm/models/pipeline.py).
 """
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import ring_attention
+from tpullm.models import pipeline, ring_attention
 from tpullm.models.attention import Attention
 from tpullm.models.mlp import Mlp
 from tpullm.models.moe import MoeMlp
@@ -62,6 +63,20 @@ def scan_body(cfg: ModelConfig):
     return BlockGroup, {}, cfg.num_layers // cfg.moe_every
 
 
+def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True):
+    """(scanned module class, its extra kwargs, scan length): `length` scan steps of the block
+    (default: the whole stack), each step rematerialized per `remat_policy` if `remat`."""
+    block, kwargs, full = scan_body(cfg)
+    if remat and cfg.remat_policy != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    # "router": the router-jitter rng, present only when the caller passes one (training).
+    stack = nn.scan(
+        block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "router": True},
+        in_axes=(nn.broadcast, nn.broadcast), length=length or full,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    return stack, kwargs, length or full
+
+
 class Decoder(nn.Module):
     config: ModelConfig
 
@@ -93,15 +108,11 @@ class Decoder(nn.Module):
             x = x + embed_table(cfg.max_length, "pos_embed", (None, "embed"))(positions)
         x = nn.with_logical_constraint(x, ACTIVATION)
 
-        block, kwargs, length = scan_body(cfg)
-        if cfg.remat_policy != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-        # "router": the router-jitter rng, present only when the caller passes one (training).
-        stack = nn.scan(
-            block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "router": True},
-            in_axes=(nn.broadcast, nn.broadcast), length=length,
-            metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = stack(cfg, **kwargs, name="layers")(x, segment_ids, positions)
+        if cfg.pipeline_microbatches:
+            x = self.pipelined_layers(x, segment_ids, positions)
+        else:
+            stack, kwargs, _ = layer_stack(cfg)
+            x, _ = stack(cfg, **kwargs, name="layers")(x, segment_ids, positions)
 
         x = ring_attention.unzigzag(x, cfg)
         x = make_norm(cfg, "final_norm")(x)
@@ -113,3 +124,23 @@ class Decoder(nn.Module):
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
                 name="lm_head")(x)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def pipelined_layers(self, x, segment_ids, positions):
+        """The layer stack over the mesh's `stage` axis (tpullm/models/pipeline.py).
+
+        The weights are created by the unpipelined stack (same values for the same seed) and stored
+        in the pipeline's layout; a batch that does not split into the microbatches (sampling one
+        sequence) runs that stack in layer order instead.
+        """
+        cfg = self.config
+        stack, kwargs, length = layer_stack(cfg)
+        layers = nn.map_variables(
+            stack, "params", trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
+            trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
+        if self.is_initializing() or x.shape[0] % cfg.pipeline_microbatches:
+            return layers(x, segment_ids, positions)[0]
+        # Remat wraps a stage's whole group of layers (per iteration), not each layer.
+        group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
+        policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
+        return pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]), x,
+                                   segment_ids, positions, cfg, ACTIVATION, policy)

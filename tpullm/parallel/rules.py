@@ -10,6 +10,8 @@ What each strategy is, in terms of this table (the degrees choose which ones are
   - FSDP (ZeRO-3): batches also split over `fsdp`, and every weight's `embed` dimension too, so
     weights, their gradients and the Adam moments (which inherit the weights' names) are split;
     XLA all-gathers a layer's weights before use and reduce-scatters its gradients.
+  - pipeline (GPipe, tpullm/models/pipeline.py): the stacked layers split over `stage`, and the
+    pipeline's per-stage activations too; microbatches move between stages by collective-permute.
   - tensor parallel (Megatron): attention heads and the MLP hidden dimension split over `tensor`
     while activations keep `embed` whole; the out- and down-projections then end in one
     all-reduce each per block. `kv_heads` must divide by the tensor degree to split (2 key/value
@@ -41,6 +43,7 @@ LOGICAL_AXIS_RULES = (
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
+    ("activation_stage", "stage"),  # the pipeline's state buffer [stage, microbatch, length, embed]
     # parameters
     ("layers", "stage"),
     ("vocab", "tensor"),
@@ -152,6 +155,30 @@ def check_batch(batch_size: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
         raise ConfigError(
             f"train.batch_size={batch_size} does not split over the batch axes {shown} = {shards} shards; "
             f"make train.batch_size a multiple of {shards} or change the mesh degrees")
+
+
+def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
+    """A pipelined model needs the mesh's `stage` degree equal to its stages, and each pipeline
+    microbatch (batch_size / (grad_accum_steps x pipeline_microbatches) sequences) must split over
+    the batch axes."""
+    stages, m = model_cfg.pipeline_stages, model_cfg.pipeline_microbatches
+    if not m:
+        return
+    degree = mesh_shape["stage"]
+    if degree != stages:
+        raise ConfigError(
+            f"model.pipeline_stages={stages} but the mesh's stage degree is {degree} (mesh.ici.stage x "
+            f"mesh.dcn.stage); set them equal, e.g. --config.mesh.ici.stage={stages}")
+    axes = axes_of(nn.logical_to_mesh_axes(BATCH_LOGICAL_AXES, rules)[0])
+    shards = math.prod(mesh_shape[a] for a in axes)
+    rows = batch_size // (grad_accum_steps * m)
+    if rows % shards:
+        shown = " x ".join(f"{a}={mesh_shape[a]}" for a in axes)
+        raise ConfigError(
+            f"a pipeline microbatch of train.batch_size / (train.grad_accum_steps x model.pipeline_microbatches) = "
+            f"{batch_size} / ({grad_accum_steps} x {m}) = {rows} sequences does not split over the batch axes "
+            f"{shown} = {shards} shards; make train.batch_size a multiple of {grad_accum_steps * m * shards} or use "
+            f"fewer microbatches")
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -64,6 +64,7 @@ def build(config, model_cfg, devices=None) -> Setup:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         abstract_boxed = jax.eval_shape(boxed_state, key)
         rules.check_batch(config.train.batch_size, mesh.shape)
+        rules.check_pipeline(model_cfg, config.train.batch_size, config.train.grad_accum_steps, mesh.shape)
         layout = guard.check(abstract_boxed.params, mesh.shape, config.mesh.max_replicated_share)
         state_shardings = rules.state_shardings(abstract_boxed, mesh)
         init_state = jax.jit(lambda rng: nn.unbox(boxed_state(rng)), out_shardings=state_shardings)

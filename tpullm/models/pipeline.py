@@ -1,0 +1,243 @@
+"""Pipeline parallelism: the layer stack split into stages over the mesh's `stage` axis, run as a
+GPipe schedule (with circular repeats) inside one `jit`, in the MaxText style.
+
+The batch is cut into M microbatches. A state buffer [S, microbatch, length, embed] holds what each
+of the S stages works on; its first axis is sharded over `stage` (logical `activation_stage`), so
+device group s holds slot s. One iteration:
+  1. stage 0's slot takes the next microbatch (from the microbatch buffer),
+  2. every stage applies its layers to its slot at once: a vmap over the stage axis of the
+     stage-stacked weights, so each device group runs only its own stage,
+  3. the state buffer shifts by one stage (jnp.roll: XLA makes it a collective-permute), which
+     brings the last stage's output, a finished lap, to stage 0,
+  4. stage 0 writes it back to the microbatch buffer (the output, or the next lap's input).
+The shift is the only communication per iteration (see `gpipe` for where the buffer lives).
+
+Remat: the config's policy wraps one iteration's stage computation (all K layers of each stage),
+so with "full" the backward pass keeps one microbatch per stage and iteration. Without remat
+everything is kept except views and gathers (`keep_all_but_views`).
+
+Circular repeats (Narayanan et al. 2021, "interleaved"): with R repeats the L layers form R*S
+groups of K = L/(R*S) consecutive layers, and group r*S + s lives on stage s, so a microbatch goes
+around the stages R times. Work item i = r*M + m (lap r of microbatch m) enters stage 0 at
+iteration i and reaches stage s at iteration i + s, so
+
+    iterations = M*R + S - 1,   bubble fraction = (S - 1) / (M*R + S - 1)
+
+(the first S-1 and last S-1 iterations leave some stages idle; R cuts the bubble R-fold for the
+same M). Lap r of microbatch m leaves the last stage at iteration (r*M + m) + S - 1 and lap r+1
+enters stage 0 at iteration (r+1)*M + m, which is later only if M >= S: the schedule needs at
+least as many microbatches as stages (not a multiple). Idle stages compute on stale data that is
+never collected, so it adds nothing to outputs or gradients.
+
+Parameter layout. The unpipelined model stores every layer leaf as [L, ...] (the nn.scan stack),
+with `layers` sharded over `stage` in contiguous blocks: stage s holds layers s*L/S ... With R = 1
+that is exactly the stage's group, so the tree is unchanged and the [L] -> [S, K] view is a free
+reshape. With R > 1 stage s needs the non-contiguous layers (r*S + s)*K + k, and moving weights
+every step is not an option, so the leaves are stored [R, S, K, ...] with S on `stage`: a plain
+reshape of the natural [L, ...] order (layer (r*S + s)*K + k sits at [r, s, k]).
+`to_natural_layers` / `from_natural_layers` convert whole param trees (checkpoints, imports,
+comparisons with the unpipelined model); init creates the weights through the unpipelined stack
+and converts them, so both models start from identical values for the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STAGE = "activation_stage"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The circular GPipe schedule for S stages, M microbatches and R repeats (see the module doc)."""
+
+    stages: int
+    microbatches: int
+    repeats: int = 1
+
+    @property
+    def iterations(self) -> int:
+        return self.microbatches * self.repeats + self.stages - 1
+
+    @property
+    def bubble_fraction(self) -> float:
+        """The share of stage-iterations with nothing to do."""
+        return (self.stages - 1) / self.iterations
+
+    def item(self, t, stage):
+        """The work item stage `stage` runs at iteration `t` (valid when 0 <= item < M*R):
+        lap item // M of microbatch item % M. Works on ints and arrays."""
+        return t - stage
+
+    def table(self):
+        """[iterations, stages] of (lap, microbatch) per slot, None in the bubble: for reading."""
+        n = self.microbatches * self.repeats
+        return [[divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None
+                 for s in range(self.stages)] for t in range(self.iterations)]
+
+
+# ---------------------------------------------------------------------------------- parameter layout
+
+def _boxed_reshape(leaf, shape_fn, names_fn):
+    """Reshapes an array or a logically partitioned box (whose axis names change with it)."""
+    if isinstance(leaf, nn.Partitioned):
+        return leaf.replace(value=leaf.value.reshape(shape_fn(leaf.value.shape)), names=names_fn(leaf.names))
+    return leaf.reshape(shape_fn(leaf.shape))
+
+
+def _map_layers(params, fn):
+    """Applies fn to the leaves of params['layers'] (a whole param tree), or to every leaf of the
+    layer stack's own variables (what nn.map_variables hands over)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    if "layers" in params:
+        return {**params, "layers": jax.tree.map(fn, params["layers"], is_leaf=is_box)}
+    return jax.tree.map(fn, params, is_leaf=is_box)
+
+
+def _groups(cfg):
+    """(R, S, K): repeats, stages, layers per group (dense models: MoE cannot be pipelined yet)."""
+    return cfg.pipeline_repeats, cfg.pipeline_stages, cfg.num_layers // (cfg.pipeline_repeats * cfg.pipeline_stages)
+
+
+def from_natural_layers(params, cfg):
+    """The unpipelined model's layer leaves [L, ...] -> this config's pipelined layout:
+    unchanged for R = 1, [R, S, K, ...] for R > 1 (S on `stage`)."""
+    r, s, k = _groups(cfg)
+    if r == 1:
+        return params
+    return _map_layers(params, lambda leaf: _boxed_reshape(
+        leaf, lambda shape: (r, s, k, *shape[1:]), lambda names: (None, names[0], None, *names[1:])))
+
+
+def to_natural_layers(params, cfg):
+    """Inverse of `from_natural_layers`: the layer leaves back to [L, ...], layer order."""
+    r, _, _ = _groups(cfg)
+    if r == 1:
+        return params
+    return _map_layers(params, lambda leaf: _boxed_reshape(
+        leaf, lambda shape: (shape[0] * shape[1] * shape[2], *shape[3:]), lambda names: (names[1], *names[3:])))
+
+
+def stage_weights(layers, cfg):
+    """The stored layer leaves viewed as [R, S, K, ...] (a reshape; free under `stage` sharding)."""
+    r, s, k = _groups(cfg)
+    if r > 1:
+        return layers  # stored that way
+    return jax.tree.map(lambda w: w.reshape(1, s, k, *w.shape[1:]), layers)
+
+
+# ---------------------------------------------------------------------------------- the schedule
+
+def split_microbatches(x, m: int):
+    """[batch, ...] -> [m, batch/m, ...]; microbatch i takes rows i, i+m, ..., so every microbatch
+    stays spread over all batch shards (as in gradient accumulation)."""
+    return x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_microbatches(x):
+    """Inverse of `split_microbatches`."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def _constrain(tree, axes, *lead):
+    """Sharding constraints: each array's names are `lead` then its entry of `axes`."""
+    if axes is None:
+        return tree
+    # `tree` is a prefix of `axes`: each array meets its tuple of names.
+    return jax.tree.map(lambda x, a: nn.with_logical_constraint(x, (*lead, *a)), tree, axes)
+
+
+# Ops that only move or view data: redone in the backward pass instead of kept.
+_VIEWS = frozenset({"gather", "dynamic_slice", "slice", "reshape", "transpose", "squeeze", "expand_dims",
+                    "broadcast_in_dim", "convert_element_type", "copy"})
+
+
+def keep_all_but_views(prim, *_, **__) -> bool:
+    """The remat policy without remat: the backward pass keeps every computed value but views and
+    copies. With repeats the stages' weights for the current lap are a gather per iteration (and
+    the layers reshape them); keeping those would store a copy of every stage's weights for every
+    iteration, while redoing them costs no arithmetic."""
+    return prim.name not in _VIEWS
+
+
+def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, policy=keep_all_but_views):
+    """Runs the circular GPipe schedule.
+
+    stage_fn(w, x) -> x: one stage's layers for one microbatch; x is a pytree (what travels with a
+      microbatch), w the stage's weights for one lap.
+    weights: leaves [R, S, ...] (lap, stage). inputs: pytree with leaves [M, ...] (microbatch-major).
+    logical_axes: pytree like one microbatch of `inputs` with the logical axis names of each leaf
+      (None: no sharding constraints). Returns the outputs, leaves [M, ...].
+    policy: what the backward pass keeps of one iteration's stage computation (a jax.checkpoint
+      policy; None keeps only its inputs).
+
+    The microbatch buffer (inputs, then finished laps) is needed only by stage 0, which both feeds
+    from it and, after the shift, holds the last stage's output. So every stage keeps a copy
+    ([S, M, ...], sharded over `stage`: the same bytes per device as one replicated buffer) and
+    reads and writes only its own; stage 0's is the real one. The only communication per iteration
+    is then the shift, and the outputs leave stage 0 once at the end.
+    """
+    s_count, m_count, r_count = schedule.stages, schedule.microbatches, schedule.repeats
+    stage_ids = jnp.arange(s_count)
+    # vmap over stages keeps the layers' own sharding constraints and puts the stage axis on the
+    # mesh axis the rules give `activation_stage`.
+    spmd = nn.logical_to_mesh_axes((STAGE,))[0] if logical_axes is not None else None
+    run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
+    take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
+
+    # One iteration's stage computation: the stages' weights for their current laps, then the layers.
+    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
+    def stage_step(weights, laps, state):
+        w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
+        return run_stages(w, state)
+
+    def on_first_stage(new, old):  # new where the stage is 0, old elsewhere
+        return jnp.where((stage_ids == 0).reshape(-1, *[1] * (old.ndim - 1)), new, old)
+
+    def iteration(carry, t):
+        state, buffer = carry  # state leaves [S, ...]; buffer leaves [S, M, ...]
+        # 1. inject: stage 0 starts item t, i.e. microbatch t % M (its input, or its previous lap).
+        state = jax.tree.map(lambda s, b: on_first_stage(b[:, t % m_count], s), state, buffer)
+        # 2. every stage at once, each with the weights of the lap it is on.
+        laps = jnp.clip(schedule.item(t, stage_ids) // m_count, 0, r_count - 1)  # [S]
+        state = _constrain(stage_step(weights, laps, state), logical_axes, STAGE)
+        # 3. shift every slot one stage on: the last stage's output wraps around to stage 0.
+        state = _constrain(jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state), logical_axes, STAGE)
+        # 4. collect: that output is item t - (S-1), finished (nothing yet in the first S-1 iterations).
+        done = schedule.item(t, s_count - 1)
+        slot = done % m_count
+        buffer = jax.tree.map(lambda b, s: b.at[:, slot].set(jnp.where(done >= 0, s, b[:, slot])), buffer, state)
+        return (state, buffer), None
+
+    state = jax.tree.map(lambda x: jnp.zeros((s_count, *x.shape[1:]), x.dtype), inputs)
+    buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (s_count, *x.shape)), inputs)
+    carry = (_constrain(state, logical_axes, STAGE), _constrain(buffer, logical_axes, STAGE, None))
+    (_, buffer), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+    return jax.tree.map(lambda b: b[0], buffer)
+
+
+def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes, policy):
+    """The decoder's layer stack as a pipeline.
+
+    stage_module: an unbound module applying K layers (the scan of one group, without remat):
+      (x, segment_ids, positions) -> (x, _). layers: the stored layer params. x: [batch, length,
+      embed]; segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
+    policy: the remat policy of one iteration's stage computation (see `gpipe`).
+    """
+    m = cfg.pipeline_microbatches
+    schedule = Schedule(cfg.pipeline_stages, m, cfg.pipeline_repeats)
+
+    def stage_fn(w, carry):  # w leaves [K, ...]; carry: one microbatch and its segments/positions
+        h, seg, pos = carry
+        h, _ = stage_module.apply({"params": w}, h, seg, pos)
+        return h, seg, pos
+
+    inputs = tuple(split_microbatches(a, m) for a in (x, segment_ids, positions))
+    axes = (activation_axes, activation_axes[:2], activation_axes[:2])
+    out, _, _ = gpipe(stage_fn, stage_weights(layers, cfg), inputs, schedule, axes, policy)
+    return merge_microbatches(out)
