@@ -271,6 +271,15 @@ def test_batch_must_split_into_pipeline_microbatches():
         config_lib.validate(c)
 
 
+def test_ring_attention_inside_the_pipeline_is_refused():
+    c = pipe_config({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2,
+                                                       sequence_attention="ring"))
+    with pytest.raises(ConfigError, match="cannot run inside the pipeline.*sequence_attention='all_gather'"):
+        config_lib.validate(c)
+    c.model.sequence_attention = "all_gather"
+    config_lib.validate(c)
+
+
 def test_mesh_must_match_the_stages_and_microbatches_split_over_batch_axes():
     cfg = _model(pipeline_stages=4, pipeline_microbatches=4)
     mesh = {"data": 2, "stage": 2, "fsdp": 2, "sequence": 1, "tensor": 1, "expert": 1}

@@ -97,6 +97,14 @@ def main(argv):
         result = report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.num_slices)
     except (topology_lib.LibtpuMissing, config_lib.ConfigError) as e:
         sys.exit(f"tpullm.aot: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses a step whose temporaries exceed HBM before memory_analysis exists.
+        print(f"tpullm.aot: DOES NOT FIT: the compiler ran out of HBM: {str(e).splitlines()[0]}\n"
+              f"Try more gradient accumulation (train.grad_accum_steps), a stronger remat policy "
+              f"(model.remat_policy), more pipeline microbatches, or more chips.", file=sys.stderr)
+        sys.exit(2)
     print(result["text"], flush=True)
     sys.exit(0 if result["fits"] else 2)
 
