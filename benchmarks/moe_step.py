@@ -20,9 +20,7 @@ show the cost of the all-to-alls and partitioning, not a speed-up.
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import statistics  # noqa: E402
 import time  # noqa: E402

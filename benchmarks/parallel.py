@@ -14,9 +14,7 @@ optimizer bytes per device less than 6x.
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import statistics  # noqa: E402
 import sys  # noqa: E402

@@ -15,9 +15,7 @@ are activations and attention temporaries. Simulated CPU devices, set here befor
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
