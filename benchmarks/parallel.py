@@ -16,19 +16,17 @@ import os
 
 import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from step_timing import median_step_ms, peak_bytes  # noqa: E402
 from tpullm.aot import compile_step  # noqa: E402
-from tpullm.parallel import memory, rules  # noqa: E402
-from tpullm.training import loop  # noqa: E402
+from tpullm.parallel import memory  # noqa: E402
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Experiment config file (configs/*.py[:arg]).")
@@ -65,21 +63,9 @@ def measure(base, ici, model, steps):
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     state_bytes = memory.shard_bytes((setup.abstract_state.params, setup.abstract_state.opt_state))
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-        state = setup.init_state(jax.random.key(0))
-        batch = loop.put_batch(random_batch(config), rules.batch_sharding(setup.mesh))
-        state, metrics = compiled(state, batch)  # warm-up
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-    return {"step_ms": 1e3 * statistics.median(times), "compile_s": compile_s, "state": state_bytes,
-            "args": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes,
-            "peak": stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes, "loss": float(metrics["loss"])}
+    step_ms, metrics = median_step_ms(compiled, setup, random_batch(config), steps)
+    return {"step_ms": step_ms, "compile_s": compile_s, "state": state_bytes, "args": stats.argument_size_in_bytes,
+            "temp": stats.temp_size_in_bytes, "peak": peak_bytes(stats), "loss": float(metrics["loss"])}
 
 
 def main(argv):
