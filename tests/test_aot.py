@@ -76,12 +76,13 @@ def test_aot_compiles_the_train_step_for_a_two_slice_v5p_and_reports_hbm():
 
 @pytest.mark.skipif(not topology.libtpu_available(), reason=NO_LIBTPU)
 def test_aot_compiles_pipeline_and_sequence_axes():
-    # 2 pipeline stages x 2 sequence shards on a 4-chip v5p-8: the schedule and the sequence split
-    # both lower for TPU (collective-permutes between stages).
+    # 2 pipeline stages x 2 sequence shards (ring attention) on a 4-chip v5p-8: the schedule and the
+    # ring's shard_map inside the pipeline's vmap over stages both lower for TPU.
     proc = subprocess.run(
         [sys.executable, "-m", "tpullm.aot", "--config=configs/demo.py:smoke", "--topology=v5p-8",
          "--config.mesh.ici.data=1", "--config.mesh.ici.stage=2", "--config.mesh.ici.sequence=2",
-         "--config.model.pipeline_stages=2", "--config.model.pipeline_microbatches=2"],
+         "--config.model.pipeline_stages=2", "--config.model.pipeline_microbatches=2",
+         "--config.model.sequence_attention=ring"],
         cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "mesh: stage=2 x sequence=2 (4 tpu devices)" in proc.stdout

@@ -38,6 +38,8 @@ SLOW = {  # 8 layers, and the pipeline combined with the other model-parallel ax
                                              num_layers=8)),
     "stage=2,tensor=2,data=2": ({"stage": 2, "tensor": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
     "stage=2,sequence=2,data=2": ({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
+    "stage=2,sequence=2,data=2,ring": ({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2,
+                                                                      sequence_attention="ring")),
 }
 FULL_STEP = "stage=2,fsdp=2,data=2"
 
@@ -269,15 +271,6 @@ def test_batch_must_split_into_pipeline_microbatches():
     with pytest.raises(ConfigError, match=r"train.batch_size=12 / train.grad_accum_steps=2 = 6 sequences per step "
                                           r"is not divisible by model.pipeline_microbatches=4.* multiple of .* = 8"):
         config_lib.validate(c)
-
-
-def test_ring_attention_inside_the_pipeline_is_refused():
-    c = pipe_config({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2,
-                                                       sequence_attention="ring"))
-    with pytest.raises(ConfigError, match="cannot run inside the pipeline.*sequence_attention='all_gather'"):
-        config_lib.validate(c)
-    c.model.sequence_attention = "all_gather"
-    config_lib.validate(c)
 
 
 def test_mesh_must_match_the_stages_and_microbatches_split_over_batch_axes():

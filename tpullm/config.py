@@ -328,10 +328,4 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)
     if model.sequence_attention == "ring" and sequence > 1:  # (-1 degrees are checked when traced)
         check_sequence_split(d.seq_len, sequence, model.sequence_load_balance)
-        if model.pipeline_microbatches:
-            # The ring's shard_map (manual over `sequence`) inside the pipeline's vmap over stages
-            # fails to lower in jax 0.10 (the stage axis is auto inside the map).
-            raise ConfigError(
-                "model.sequence_attention='ring' cannot run inside the pipeline (model.pipeline_microbatches="
-                f"{model.pipeline_microbatches}) yet; use model.sequence_attention='all_gather' with pipelining")
     return model

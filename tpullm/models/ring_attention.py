@@ -17,8 +17,8 @@ and the last device all n. Zigzag cuts the row into 2n chunks and gives device i
 2n-1-i; each (query chunk, key chunk) tile is skipped on its own, so every device computes
 3 tiles of the local block and 2 of every other: (2n + 1) / 4 blocks' work instead of n.
 
-Only `sequence` is manual in the shard_map: batch, heads and the rest stay with the
-partitioner, so this composes with data, FSDP and tensor parallelism.
+Only `sequence` is manual in the shard_map (and `stage` under a pipeline): batch, heads and the
+rest stay with the partitioner, so this composes with data, FSDP, tensor and pipeline parallelism.
 """
 
 import functools
@@ -224,12 +224,19 @@ INDEX = P(AXIS)  # [length]
 LSE = P(None, None, None, AXIS)  # [batch, kv_heads, group, length]
 
 
+def manual_axes() -> set:
+    """`sequence`, plus `stage` under a pipeline: the pipeline's vmap over stages (spmd_axis_name)
+    adds the stage axis to the map's specs, which only a manual axis may appear in."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return {AXIS} | ({"stage"} if mesh.shape.get("stage", 1) > 1 else set())
+
+
 def _sharded(fn, in_specs, out_specs, window, chunks):
     n = sequence_degree()
     # check_vma=False: the loop carries start equal on every device and become per-device; the
     # op's derivative is the custom_vjp below, never shard_map's own transpose.
     return jax.shard_map(functools.partial(fn, window=window, n=n, chunks=chunks), in_specs=in_specs,
-                         out_specs=out_specs, axis_names={AXIS}, check_vma=False)
+                         out_specs=out_specs, axis_names=manual_axes(), check_vma=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
