@@ -4,9 +4,12 @@ JAX fixes the device count when it starts, and the rest of the suite runs with o
 pytest process, so multi-device work runs in a child that writes its results as JSON.
 """
 
+import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
@@ -17,3 +20,34 @@ def run_on_devices(script: str, *args, timeout: int = 900) -> None:
     proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def results_on_devices(tmp_path_factory, script: str, *args, timeout: int = 900) -> dict:
+    """Runs `script`'s `__main__` on 8 devices with a JSON path (then `args`); returns what it wrote."""
+    out = tmp_path_factory.mktemp(os.path.basename(script)[:-3]) / "results.json"
+    run_on_devices(script, out, *args, timeout=timeout)
+    return json.loads(out.read_text())
+
+
+def rel(a, b) -> float:
+    """Relative difference of two arrays (L2), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def grad_rel(grads, grads0) -> dict:
+    """{'path/of/leaf': relative difference} between two gradient trees of the same structure."""
+    import jax
+
+    flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): rel(g, flat0[k])
+            for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+
+
+def step_agreement(metrics, metrics0, params, params0) -> dict:
+    """How far one real train step (loss, gradient norm, updated params) is from the reference's."""
+    import jax
+
+    return {"step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
+            "grad_norm_rel": rel(metrics["grad_norm"], metrics0["grad_norm"]),
+            "params_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))}

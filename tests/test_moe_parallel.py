@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from multidevice import run_on_devices
+from multidevice import grad_rel, rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
 from tpullm.parallel import rules
 from tpullm.training import loop
@@ -99,11 +99,6 @@ def _run(config, devices, state0=None):
         return float(loss), jax.device_get(grads), metrics, params, facts, state0
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def _skewed_layer() -> dict:
     """The MoE layer alone on expert=8 with a zero router: every token picks experts 0 and 1 (ties go
     to the lower index), so devices 0 and 1 receive every device's whole send buffer, the
@@ -128,7 +123,7 @@ def _skewed_layer() -> dict:
         step = jax.jit(f).lower(params, x).compile()
         value, grads = step(params, x)
     return {"value_rel": abs(float(value) - float(value0)) / float(value0),
-            "grad_rel": max(_rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))),
+            "grad_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))),
             "all_to_all": "all-to-all" in step.as_text()}
 
 
@@ -159,15 +154,11 @@ def _worker(out_path):
         loss0, grads0, metrics0, params0, facts0, state0 = _run(moe_config({"data": 1}, dispatch), jax.devices()[:1])
         for _, name, _ in [c for c in CASES if c[0] == dispatch]:
             loss, grads, metrics, params, facts, _ = _run(moe_config(STRATEGIES[name], dispatch), None, state0)
-            flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
-            grad_rel = {jax.tree_util.keystr(k, simple=True, separator="/"): _rel(g, flat0[k])
-                        for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
             results[f"{dispatch}:{name}"] = {
-                "loss": loss, "loss_rel": abs(loss - loss0) / abs(loss0), "grad_rel": grad_rel,
-                "step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
+                "loss": loss, "loss_rel": abs(loss - loss0) / abs(loss0), "grad_rel": grad_rel(grads, grads0),
+                **step_agreement(metrics, metrics0, params, params0),
                 "aux_rel": abs(float(metrics["moe_aux_loss"]) - float(metrics0["moe_aux_loss"])),
                 "dropped": float(metrics["moe_dropped"]),
-                "params_rel": max(_rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0))),
                 "expert_cut": facts0["expert_bytes"] / facts["expert_bytes"], **facts}
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
@@ -175,9 +166,7 @@ def _worker(out_path):
 
 @pytest.fixture(scope="module")
 def strategies(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe_parallel") / "results.json"
-    run_on_devices(__file__, out, timeout=1800)
-    return json.loads(out.read_text())
+    return results_on_devices(tmp_path_factory, __file__, timeout=1800)
 
 
 @pytest.mark.parametrize("dispatch, name, cut", CASES)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from multidevice import run_on_devices
+from multidevice import grad_rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
 from tpullm.config import ConfigError
 from tpullm.parallel import guard, mesh as mesh_lib, rules
@@ -105,11 +105,6 @@ def _all_reduces_per_layer(config) -> list:
     return [n for n in counts if n]
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def _worker(out_path):
     """Runs in a subprocess with 8 simulated devices."""
     assert jax.device_count() == 8, jax.devices()
@@ -123,17 +118,12 @@ def _worker(out_path):
         # The real train step (clipping, AdamW, donated state) once, on the strategy that uses every axis.
         full_step = name == FULL_STEP
         loss, grads, metrics, params, per_device, _ = _run_one(strategy_config(ici, model), None, state0, full_step)
-        flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
-        grad_rel = {jax.tree_util.keystr(k, simple=True, separator="/"): _rel(g, flat0[k])
-                    for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+        grads_rel = grad_rel(grads, grads0)
         results[name] = {"loss": loss, "loss_ref": loss0, "loss_rel": abs(loss - loss0) / abs(loss0),
-                         "grad_rel": grad_rel, "n_grads": len(grad_rel), "bytes_per_device": per_device,
+                         "grad_rel": grads_rel, "n_grads": len(grads_rel), "bytes_per_device": per_device,
                          "bytes_single": bytes0}
         if full_step:
-            results[name].update({
-                "step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
-                "grad_norm_rel": _rel(metrics["grad_norm"], metrics0["grad_norm"]),
-                "params_rel": max(_rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))})
+            results[name].update(step_agreement(metrics, metrics0, params, params0))
     results["tensor=8"]["all_reduces_per_layer"] = _all_reduces_per_layer(strategy_config(*STRATEGIES["tensor=8"]))
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
@@ -141,9 +131,7 @@ def _worker(out_path):
 
 @pytest.fixture(scope="module")
 def strategies(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel") / "results.json"
-    run_on_devices(__file__, out, timeout=900)
-    return json.loads(out.read_text())
+    return results_on_devices(tmp_path_factory, __file__, timeout=900)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from multidevice import run_on_devices
+from multidevice import grad_rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.models import Decoder, init_params, pipeline
@@ -52,11 +52,6 @@ def pipe_config(ici=None, model=None):
     c.mesh.ici.update({"data": -1, **(ici or {})})
     c.model.update({**TINY, **(model or {})})
     return c
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _run(config, devices, train_step):
@@ -111,27 +106,20 @@ def _worker(out_path, which):
         loss0, grads0, metrics0, params0, init0, _, _ = references[key]
         loss, grads, metrics, params, init, (total, per_device), collectives = _run(pipe_config(ici, model), None,
                                                                                     full_step)
-        flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
         r = {"loss_rel": abs(loss - loss0) / abs(loss0),
-             "grad_rel": {jax.tree_util.keystr(k, simple=True, separator="/"): _rel(g, flat0[k])
-                          for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]},
+             "grad_rel": grad_rel(grads, grads0),
              "init_equal": all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(init0)))
              and jax.tree.structure(init) == jax.tree.structure(init0),
              "layer_split": total / per_device, "collectives": collectives}
         if full_step:
-            r.update({
-                "step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
-                "grad_norm_rel": _rel(metrics["grad_norm"], metrics0["grad_norm"]),
-                "params_rel": max(_rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))})
+            r.update(step_agreement(metrics, metrics0, params, params0))
         results[name] = r
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
 
 def _results(tmp_path_factory, which):
-    out = tmp_path_factory.mktemp("pipeline") / "results.json"
-    run_on_devices(__file__, out, which, timeout=1800)
-    return json.loads(out.read_text())
+    return results_on_devices(tmp_path_factory, __file__, which, timeout=1800)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from multidevice import run_on_devices
-from test_parallel import _rel, random_batch, strategy_config
+from multidevice import grad_rel, rel, results_on_devices
+from test_parallel import random_batch, strategy_config
 from tpullm import config as config_lib
 from tpullm.config import ConfigError
 from tpullm.models import ring_attention
@@ -91,12 +91,9 @@ def _model_worker(cases):
         got, hlo, _ = _evaluate(config(MESHES[mesh], {**STRATEGIES[strategy], **MASKS[mask]}), None, params)
         for name, (loss, logits, grads) in got.items():
             loss0, logits0, grads0 = ref[name]
-            flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
-            grad_rel = {jax.tree_util.keystr(k, simple=True, separator="/"): _rel(g, flat0[k])
-                        for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
             results[f"{mesh}|{strategy}|{mask}|{name}"] = {
-                "loss_rel": abs(loss - loss0) / abs(loss0), "logits_rel": _rel(logits, logits0),
-                "grad_rel": grad_rel, "conditionals": hlo.count(" conditional("),
+                "loss_rel": abs(loss - loss0) / abs(loss0), "logits_rel": rel(logits, logits0),
+                "grad_rel": grad_rel(grads, grads0), "conditionals": hlo.count(" conditional("),
                 **{f"{op}s": len(re.findall(rf" {op}(?:-start)?\(", hlo))
                    for op in ("collective-permute", "all-gather")}}
     return results
@@ -136,8 +133,8 @@ def _op_worker():
         (loss0, out0), grads0 = grad(reference)(q, k, v)
         with jax.set_mesh(mesh):
             (loss, out), grads = jax.jit(grad(ring))(q, k, v)
-        results[name] = {"out_rel": _rel(out, out0), "loss_rel": abs(float(loss - loss0) / float(loss0)),
-                         "grad_rel": [_rel(g, g0) for g, g0 in zip(grads, grads0)]}
+        results[name] = {"out_rel": rel(out, out0), "loss_rel": abs(float(loss - loss0) / float(loss0)),
+                         "grad_rel": [rel(g, g0) for g, g0 in zip(grads, grads0)]}
 
     results["memory"] = {n: _ring_temp_bytes(n, 256 * n) for n in (2, 8)}
 
@@ -176,9 +173,7 @@ def _worker(out_path, which):
 
 
 def _results(tmp_path_factory, which):
-    out = tmp_path_factory.mktemp("sequence") / f"{which}.json"
-    run_on_devices(__file__, out, which, timeout=1800)
-    return json.loads(out.read_text())
+    return results_on_devices(tmp_path_factory, __file__, which, timeout=1800)
 
 
 @pytest.fixture(scope="module")
