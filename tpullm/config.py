@@ -273,8 +273,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # the newest K checkpoints are kept...
     c.train.keep_period = 0  # ...plus every one whose step is a multiple of this (0: none)
     c.train.checkpoint_minutes = 0.0  # also save when this many minutes passed since the last save (0: off)
+    # Keys whose change a resumed run accepts although it alters the model or the data stream,
+    # comma-separated (e.g. "train.batch_size,model.rope_theta"); checkpoint/config_change.py.
+    c.train.allow_changes = ""
+    c.train.profile_steps = 0  # trace this many steps after the first (compiled) one to <workdir>/profile
+    # The sample `python -m tpullm.train` prints at the end of a run (sample_tokens=0: none).
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 200
+    c.train.sample_temperature = 0.8
+    c.train.sample_top_k = 40
+    c.train.sample_top_p = 1.0
 
     # Degrees of each mesh axis inside a slice (ici) and across slices (dcn); -1 fills the rest,
     # so by default every device does data parallelism and extra slices add data replicas

@@ -3,6 +3,8 @@
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
 """
 
+import sys
+
 import jax
 from absl import app, flags
 
@@ -24,7 +26,8 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    model, config, params = load_model(_WORKDIR.value, _STEP.value)
+    # Which step was loaded goes to stderr: stdout holds the text alone.
+    model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     new = generate(model, params, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, jax.random.key(_SEED.value),
                    context=config.data.seq_len, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,

@@ -10,11 +10,14 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables (`launch/
 them); on Cloud TPU VMs nothing is needed (`launch/tpu_pod.py`).
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from tpullm import data
+from tpullm.inference.sampling import generate
 from tpullm.parallel import distributed
-from tpullm.training.loop import train
+from tpullm.training.loop import log, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
@@ -30,7 +33,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
-    train(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    train(config, _WORKDIR.value, on_finish=lambda model, params: print_sample(config, model, params))
+
+
+def print_sample(config, model, params) -> None:
+    """The end-of-run sample, with the config's `train.sample_*` settings."""
+    t = config.train
+    if t.sample_tokens <= 0:
+        return
+    tokenizer = data.load_tokenizer(config.data.tokenizer)
+    new = generate(model, params, tokenizer.encode(t.sample_prompt), t.sample_tokens, jax.random.key(t.seed),
+                   context=config.data.seq_len, temperature=t.sample_temperature, top_k=t.sample_top_k,
+                   top_p=t.sample_top_p, eos_id=tokenizer.eos_id)
+    log("sample:\n" + t.sample_prompt + tokenizer.decode(new))
 
 
 if __name__ == "__main__":

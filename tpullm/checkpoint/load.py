@@ -5,7 +5,9 @@
     logits = model.apply({"params": params}, tokens)
 
 Only the params are read (a training checkpoint's optimizer state stays on disk), onto the first
-local device. Nothing is unpickled: Orbax stores arrays and JSON metadata, the config is JSON.
+local device, checked against the checksums saved with them; a damaged newest step is skipped
+for the previous one, as a resumed training run does (checkpoint/resume.py). Nothing is
+unpickled: Orbax stores arrays and JSON metadata, the config is JSON.
 """
 
 import os
@@ -14,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from tpullm import models
-from tpullm.checkpoint.manager import CONFIG_FILE, make_manager, read_config
+from tpullm.checkpoint.manager import CONFIG_FILE, make_manager, read_config, verify
+from tpullm.checkpoint.resume import check_shapes, restore_newest
 
 EXPORT_PARAMS = "params"  # <export>/params: an Orbax pytree of the params alone
 
@@ -32,17 +35,6 @@ def path_kind(path: str) -> str:
                             f"{EXPORT_PARAMS}/ (an export)")
 
 
-def _latest_step(workdir: str, step: int | None) -> int:
-    steps = make_manager(workdir).all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, 'checkpoints')}: train first, or check the path")
-    if step is None:
-        return max(steps)
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; there are {sorted(steps)}")
-    return step
-
-
 def _abstract_params(config):
     """Shapes and dtypes of the params, all placed on this process's first device."""
     model = models.build(config.model)
@@ -51,27 +43,51 @@ def _abstract_params(config):
                         jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
 
 
-def load_params(path: str, step: int | None = None):
+def _restore_params(manager, step: int, abstract):
+    """{"params": ...} of the checkpoint at `step` (the optimizer state stays on disk), checked
+    against the checksums saved with it."""
+    state_dir = os.path.join(str(manager.directory), str(step), "state")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
+    verify(manager, step, restored)
+    return restored
+
+
+def load_params(path: str, step: int | None = None, log=print):
     """The params as a plain pytree on one device, from a workdir (the checkpoint at `step`,
-    default the newest) or from an export (which holds one step; `step` must then be None)."""
+    default the newest intact one, as training resumes) or from an export (which holds one step;
+    `step` must then be None). `log` is told which step was loaded and of any damaged one skipped."""
     path = os.path.abspath(path)
     kind = path_kind(path)
     abstract = _abstract_params(read_config(path))
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     if kind == "export":
         if step is not None:
             raise ValueError(f"{path} is an export of a single step: call load_params without step")
         return ocp.PyTreeCheckpointer().restore(
-            os.path.join(path, EXPORT_PARAMS), args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
-    state_dir = os.path.join(path, "checkpoints", str(_latest_step(path, step)), "state")
-    restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": restore_args},
-                                               partial_restore=True))
+            os.path.join(path, EXPORT_PARAMS),
+            args=ocp.args.PyTreeRestore(item=abstract,
+                                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    manager = make_manager(path)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {manager.directory}: train first, or check the path")
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {path}; there are {sorted(steps)}")
+        check_shapes(os.path.join(str(manager.directory), str(step)), {"params": abstract})
+        restored = _restore_params(manager, step, {"params": abstract})
+    else:
+        step, restored = restore_newest(manager, {"params": abstract}, log=log, move_damaged=False,
+                                        restore_fn=_restore_params)
+        if step is None:
+            raise FileNotFoundError(f"no intact checkpoint in {manager.directory} (every step is damaged; see above)")
+    log(f"loaded the params of step {step} from {path}")
     return restored["params"]
 
 
-def load_model(path: str, step: int | None = None):
+def load_model(path: str, step: int | None = None, log=print):
     """(model, config, params): the module, the run's ConfigDict and its params, ready for apply."""
     path_kind(path)  # a clear error before anything is built
     config = read_config(path)
-    return models.build(config.model), config, load_params(path, step)
+    return models.build(config.model), config, load_params(path, step, log)

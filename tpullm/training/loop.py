@@ -1,10 +1,14 @@
 """The training loop: set up mesh, model, data and state, then step, log, evaluate, checkpoint.
 
 `train(config, workdir)` is what `python -m tpullm.train` runs; a notebook can call it too.
-Running it again on the same workdir resumes from the newest checkpoint.
+Running it again on the same workdir resumes from the newest intact checkpoint, after checking
+that the config still describes it (checkpoint/config_change.py); one run at a time holds a
+workdir (checkpoint/lock.py), and a loss or gradient norm that stops being finite stops the run
+before anything non-finite is saved.
 """
 
 import dataclasses
+import os
 import time
 
 import flax.linen as nn
@@ -13,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpullm import config as config_lib, data
-from tpullm.checkpoint import manager as ckpt, policy as ckpt_policy, resume as ckpt_resume
-from tpullm.inference.sampling import generate
+from tpullm.checkpoint import (config_change as ckpt_config, lock as ckpt_lock, manager as ckpt,
+                               policy as ckpt_policy, resume as ckpt_resume)
 from tpullm.models import Decoder
 from tpullm.parallel import distributed, guard, mesh as mesh_lib, rules
-from tpullm.training import flops, metrics as metrics_lib
+from tpullm.training import flops, metrics as metrics_lib, validation
 from tpullm.training.optimizer import learning_rate_schedule, make_optimizer
 from tpullm.training.state import TrainState
 from tpullm.training.step import make_eval_step, make_train_step
@@ -97,32 +101,70 @@ def put_batch(batch: dict, sharding, global_batch_size: int | None = None) -> di
     return {k: put(v) for k, v in batch.items()}
 
 
-def evaluate(eval_step, params, val_rows: data.PackedRows, batch_size: int, max_batches: int, sharding) -> dict:
-    """Mean loss over the first batches of the validation rows, in order (the same every time)."""
-    n_batches = min(max_batches, val_rows.n_rows // batch_size)
-    totals = np.zeros(5)
-    for i in range(n_batches):
-        batch = put_batch(val_rows.take(slice(i * batch_size, (i + 1) * batch_size)), sharding)
-        totals += np.asarray(jax.device_get(eval_step(params, batch)))
-    _, ce, _, n_tokens, n_correct = totals
-    return {"val_loss": ce / max(n_tokens, 1), "val_accuracy": n_correct / max(n_tokens, 1)}
+def _check_finite(step: int, metrics: dict, newest_saved: int | None) -> None:
+    """Stops the run at the first step whose loss or gradient norm is NaN or infinite."""
+    values = {k: float(v) for k, v in jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")}).items()}
+    if all(np.isfinite(v) for v in values.values()):
+        return
+    kept = f"the newest checkpoint, step {newest_saved}, is kept" if newest_saved else "no checkpoint was saved"
+    raise TrainingDiverged(
+        f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}: training diverged; stopped before "
+        f"saving anything non-finite ({kept}). Lower optimizer.learning_rate, raise optimizer.warmup_steps or "
+        f"set optimizer.grad_clip, then run the same command to resume")
 
 
-def train(config, workdir: str) -> dict:
-    """Trains `config` in `workdir`; returns the final metrics (including val_loss)."""
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+def _resume_data(manager, step: int, batches, changes: dict, config) -> None:
+    """Puts the data iterator where the checkpoint at `step` left it, or, when an accepted config
+    change altered the data stream, restarts it as the log line says."""
+    if not ckpt_config.data_stream_changed(changes):
+        try:
+            ckpt.restore_data(manager, step, batches)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"the data iterator saved at step {step} does not fit this run: {e}") from e
+        return
+    old_batch = changes.get("train.batch_size", (config.train.batch_size,))[0]
+    if any(k.startswith("data.") or k == "train.seed" for k in changes):
+        log("data: the data stream changed (allowed by train.allow_changes); it starts from its beginning")
+        return
+    skip = step * old_batch // config.train.batch_size
+    log(f"data: train.batch_size changed from {old_batch} to {config.train.batch_size} (allowed by "
+        f"train.allow_changes); the data stream restarts and skips the {step * old_batch} rows the run consumed "
+        f"({skip} batches of the new size)")
+    batches.skip(skip)
+
+
+def train(config, workdir: str, on_finish=None) -> dict:
+    """Trains `config` in `workdir`; returns the final metrics (including val_loss).
+
+    `on_finish(model, params)`, if given, runs at the end of a run that was not preempted, on the
+    mesh (the train command prints a sample with it)."""
     model_cfg = config_lib.validate(config)
+    t = config.train
+    with ckpt_lock.hold(workdir, log):
+        manager = ckpt.make_manager(workdir, t.keep_checkpoints, t.keep_period)
+        changes = ckpt_config.check_resume(workdir, config, max(manager.all_steps(), default=None), log)
+        return _train(config, model_cfg, workdir, manager, changes, on_finish)
+
+
+def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
+    t = config.train
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise config_lib.ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
             f"set model.vocab_size >= {tokenizer.vocab_size}")
-    t = config.train
     sources = data.DataSources(config.data, tokenizer)
     for line in sources.describe():
         log(f"data: {line}")
     val_rows = sources.validation_rows(config.data.seq_len, max_rows=t.eval_batches * t.batch_size)
+    validation.check_rows(val_rows.n_rows, t.batch_size, config.data.val_fraction, log)
+    val_rows = val_rows.take(slice(None))
     unigram = sources.unigram_entropy()
-    log(f"data: {val_rows.n_rows} validation rows of {config.data.seq_len} tokens; unigram entropy "
+    log(f"data: {len(val_rows['tokens'])} validation rows of {config.data.seq_len} tokens; unigram entropy "
         f"{unigram:.3f} nats/token")
 
     setup = build(config, model_cfg)
@@ -143,15 +185,14 @@ def train(config, workdir: str) -> dict:
                                  process_count=t.batch_size // local_batch, sources=sources)
     log(f"data: {local_batch} of {t.batch_size} rows per process, {batches.num_workers} prefetch workers")
 
-    ckpt.write_config(workdir, config)
-    manager = ckpt.make_manager(workdir, t.keep_checkpoints, t.keep_period)
     save_policy = ckpt_policy.SavePolicy(t.checkpoint_every, t.checkpoint_minutes, t.steps)
-    # The newest checkpoint that restores; damaged ones are reported and moved aside.
-    start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, batches, log)
+    # The newest checkpoint that restores intact; damaged ones are reported and moved aside.
+    start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, log=log)
     if start is None:
         state = setup.init_state(jax.random.key(t.seed))
         start = 0
     else:
+        _resume_data(manager, start, batches, changes, config)
         log(f"resuming from step {start} in {workdir}")
     writer = metrics_lib.MetricWriter(workdir)
     device = jax.devices()[0]
@@ -162,43 +203,61 @@ def train(config, workdir: str) -> dict:
                                         t.steps, start)
 
     preempted = False
+    newest_saved = start or None
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES), save_policy.catch_sigterm():
         train_step = jit_train_step(setup, config)
         eval_step = jax.jit(make_eval_step(setup.model), in_shardings=(setup.state_shardings.params, batch_sharding))
         compile_start = time.perf_counter()
-        last = {}
-        for step in range(start, t.steps):
-            state, step_metrics = train_step(state, put_batch(next(batches), batch_sharding, t.batch_size))
-            done = step + 1
-            if step == start:
-                jax.block_until_ready(step_metrics)
-                log(f"first step (compilation included) took {time.perf_counter() - compile_start:.1f}s")
-                throughput.report(done)
-            if done % t.log_every == 0 or done == t.steps:
-                last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                last.update(throughput.report(done))
-                last.update({f"epochs/{name}": e for name, e in batches.epochs().items()})
-                if done % t.eval_every == 0 or done == t.steps:
-                    last.update(evaluate(eval_step, state.params, val_rows, t.batch_size, t.eval_batches,
-                                         batch_sharding))
-                writer.write(done, last)
-                log(format_step(done, t.steps, last))
-            save, preempted = save_policy.decide(done)
-            if save:
-                ckpt.save(manager, done, state, batches)
-            if preempted:
-                log(f"SIGTERM: saved step {done} and stopping; run the same command to resume")
-                break
-        manager.wait_until_finished()
+        last, previous, tracing = {}, None, False
+        try:
+            for step in range(start, t.steps):
+                state, step_metrics = train_step(state, put_batch(next(batches), batch_sharding, t.batch_size))
+                done = step + 1
+                # The previous step's loss is checked once this one is queued, so the host never
+                # waits for the device just to check.
+                if previous is not None:
+                    _check_finite(done - 1, previous, newest_saved)
+                previous = step_metrics
+                if step == start:
+                    jax.block_until_ready(step_metrics)
+                    log(f"first step (compilation included) took {time.perf_counter() - compile_start:.1f}s")
+                    throughput.report(done)
+                    if t.profile_steps and jax.process_index() == 0:
+                        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                        tracing = True
+                if tracing and done == start + 1 + t.profile_steps:
+                    jax.block_until_ready(step_metrics)
+                    jax.profiler.stop_trace()
+                    tracing = False
+                    log(f"profile: steps {start + 2}-{done} traced to {os.path.join(workdir, 'profile')} "
+                        f"(open with TensorBoard's profile plugin or ui.perfetto.dev)")
+                if done % t.log_every == 0 or done == t.steps:
+                    _check_finite(done, step_metrics, newest_saved)
+                    last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    last.update(throughput.report(done))
+                    last.update({f"epochs/{name}": e for name, e in batches.epochs().items()})
+                    if done % t.eval_every == 0 or done == t.steps:
+                        last.update(validation.evaluate(eval_step, state.params, val_rows, t.batch_size,
+                                                        lambda b: put_batch(b, batch_sharding)))
+                    writer.write(done, last)
+                    log(format_step(done, t.steps, last))
+                save, preempted = save_policy.decide(done)
+                if save:
+                    _check_finite(done, step_metrics, newest_saved)
+                    ckpt.save(manager, done, state, batches)
+                    newest_saved = done
+                if preempted:
+                    log(f"SIGTERM: saved step {done} and stopping; run the same command to resume")
+                    break
+        finally:
+            if tracing:
+                jax.profiler.stop_trace()
+            manager.wait_until_finished()
+            batches.close()
+            writer.close()
         log(f"data: {batches.accounting.summary()}")
-        batches.close()
-        writer.close()
-
-        if t.sample_tokens > 0 and not preempted:
-            prompt = tokenizer.encode(t.sample_prompt)
-            new = generate(setup.model, state.params, prompt, t.sample_tokens, jax.random.key(t.seed),
-                           context=config.data.seq_len, temperature=0.8, top_k=40, eos_id=tokenizer.eos_id)
-            log("sample:\n" + t.sample_prompt + tokenizer.decode(new))
+        if on_finish is not None and not preempted:
+            on_finish(setup.model, state.params)
     if "val_loss" in last:
         log(f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
             f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)")
