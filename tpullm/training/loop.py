@@ -185,7 +185,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
                                  process_count=t.batch_size // local_batch, sources=sources)
     log(f"data: {local_batch} of {t.batch_size} rows per process, {batches.num_workers} prefetch workers")
 
-    save_policy = ckpt_policy.SavePolicy(t.checkpoint_every, t.checkpoint_minutes, t.steps)
+    save_policy = ckpt_policy.SavePolicy(t.checkpoint_every, t.checkpoint_minutes, t.steps, agree_every=t.log_every)
     # The newest checkpoint that restores intact; damaged ones are reported and moved aside.
     start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, log=log)
     if start is None:
