@@ -30,9 +30,9 @@ def smoke(**train):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 20-step run with checkpoints at steps 10 and 20."""
+    """A finished 20-step run with checkpoints at steps 10 and 20 (and a profile of steps 2-4)."""
     workdir = str(tmp_path_factory.mktemp("finished") / "run")
-    loop.train(smoke(), workdir)
+    loop.train(smoke(profile_steps=3), workdir)
     return workdir
 
 
@@ -50,6 +50,12 @@ def steps_on_disk(workdir):
 def largest_array_file(step_dir):
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
     return max(files, key=os.path.getsize)
+
+
+def test_profile_steps_write_a_trace(finished):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(finished, "profile")) for f in fs]
+    for kind in (".xplane.pb", ".trace.json.gz"):  # TensorBoard's, Perfetto's
+        assert any(f.endswith(kind) and os.path.getsize(f) > 0 for f in files), (kind, files)
 
 
 # ----- damaged checkpoints ---------------------------------------------------------------------

@@ -223,7 +223,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
                     log(f"first step (compilation included) took {time.perf_counter() - compile_start:.1f}s")
                     throughput.report(done)
                     if t.profile_steps and jax.process_index() == 0:
-                        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                        jax.profiler.start_trace(os.path.join(workdir, "profile"), create_perfetto_trace=True)
                         tracing = True
                 if tracing and done == start + 1 + t.profile_steps:
                     jax.block_until_ready(step_metrics)
