@@ -13,6 +13,8 @@ them); on Cloud TPU VMs nothing is needed (`launch/tpu_pod.py`).
 from absl import app, flags
 from ml_collections import config_flags
 
+from tpullm import cli
+from tpullm.errors import check_writable
 from tpullm.parallel import distributed
 from tpullm.training.loop import train
 
@@ -29,9 +31,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_writable(_WORKDIR.value, "--workdir")
     distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
     train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, compilation_cache=True)
