@@ -255,6 +255,7 @@ def test_unknown_key_without_a_near_one_lists_the_section():
     msg = unknown_key(default_config(), "optimizer.lr")
     assert "config.optimizer has no 'lr'" in msg and "learning_rate" in msg and "weight_decay" in msg, msg
     assert "is a value, not a section" in unknown_key(default_config(), "train.steps.x")
+    assert "config.data.sources is empty" in unknown_key(default_config(), "data.sources.web.path")
     assert unknown_key(default_config(), "train.steps") is None
     assert unknown_key(default_config(), "mesh.ici") is None
 

@@ -401,8 +401,10 @@ def unknown_key(config: ml_collections.ConfigDict, key: str, prefix: str = "conf
                                                           cutoff=0.6)] if _is_section(node) else []
     if nearest:
         hint = "did you mean " + " or ".join(f"{prefix}.{k}" for k in nearest) + "?"
-    elif _is_section(node):
+    elif _is_section(node) and node:
         hint = f"the keys of {found} are {', '.join(sorted(node.keys()))}"
+    elif _is_section(node):
+        hint = f"{found} is empty here; a config file can fill it"
     else:
         hint = f"{found} is a value, not a section"
     return f"{prefix}.{key} is not a config key: {found} has no {parts[depth]!r}; {hint}"
