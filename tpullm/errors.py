@@ -40,6 +40,8 @@ def check_writable(path: str, what: str = "the output directory") -> str:
     if is_remote(path):
         return path
     path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file, not a directory; choose another path")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -206,9 +206,7 @@ def prepare(specs: Sequence[SourceSpec], tokenizer_name: str, out: str, shards: 
 
 
 def _main(argv):
-    from absl import flags
-
-    from absl import app
+    from absl import app, flags
 
     from tpullm.errors import check_writable
 

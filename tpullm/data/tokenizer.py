@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from tpullm.config import ConfigError
-from tpullm.errors import UserError
+from tpullm.errors import UserError, check_writable
 
 TOKENIZERS = ("bytes", "/path/to/sentencepiece.model")
 MODEL_TYPES = ("bpe", "unigram")
@@ -82,8 +82,8 @@ class SentencePieceTokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
-            raise UserError(f"{path} is not a sentencepiece model ({str(e).strip()}); set data.tokenizer to "
-                            f"'bytes' or to a .model file written by sentencepiece") from e
+            raise UserError(f"{path} is not a sentencepiece model (it does not parse as one); set data.tokenizer "
+                            f"to 'bytes' or to a .model file written by sentencepiece") from e
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
@@ -139,7 +139,7 @@ def load_tokenizer(name: str) -> Tokenizer:
     if name.endswith(".model") or os.path.isfile(os.path.expanduser(name)):
         return SentencePieceTokenizer.load(name)
     raise ConfigError(f"unknown tokenizer {name!r}; data.tokenizer must be 'bytes' or the path of a "
-                     f"sentencepiece .model file (allowed: {TOKENIZERS})")
+                      f"sentencepiece .model file (allowed: {TOKENIZERS})")
 
 
 def _training_lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
@@ -192,15 +192,11 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 # --------------------------------------------------------------------------- command line
 
 def _main(argv):
-    from absl import flags
+    from absl import app, flags
 
     from tpullm.data import sources
 
     f = flags.FLAGS
-    from absl import app
-
-    from tpullm.errors import check_writable
-
     if len(argv) != 2 or argv[1] != "train":
         raise app.UsageError("usage: python -m tpullm.data.tokenizer train --input=GLOB --vocab_size=N "
                              "--model_type=bpe|unigram --out=PATH.model")
