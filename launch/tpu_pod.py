@@ -15,6 +15,7 @@ workers (a gs:// bucket). Steps, each optional but the last:
 """
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -28,21 +29,35 @@ def gcloud(verb: str, *args, zone: str, project: str | None) -> list:
             *([f"--project={project}"] if project else [])]
 
 
+def quote_path(path: str) -> str:
+    """`path` as one word of the worker's shell, so that `~/x; rm -rf ~` stays a directory name.
+
+    A leading `~/` or `~user/` stays unquoted, slash included: the shell expands a tilde prefix only
+    when no character of it is quoted, and the prefix runs to the first unquoted slash.
+    """
+    home = re.match(r"~[A-Za-z0-9._-]*(/|$)", path)
+    if not home:
+        return shlex.quote(path)
+    rest = path[home.end():]
+    return home.group() + (shlex.quote(rest) if rest else "")
+
+
 def commands(tpu: str, zone: str, command: list, project: str | None = None, remote_dir: str = "~/tpullm",
              copy: bool = False, setup: str | None = None, env: list | None = None) -> list:
-    """The argv lists to run, in order. remote_dir stays unquoted so that ~ expands on the worker."""
+    """The argv lists to run, in order; each remote command is one string for the worker's shell."""
     def ssh(remote):
         return gcloud("ssh", tpu, f"--command={remote}", zone=zone, project=project)
 
+    where = quote_path(remote_dir)
     out = []
     if copy:
         out.append(["git", "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"])
         out.append(gcloud("scp", ARCHIVE, f"{tpu}:{ARCHIVE}", zone=zone, project=project))
-        out.append(ssh(f"mkdir -p {remote_dir} && tar -xzf {ARCHIVE} -C {remote_dir}"))
+        out.append(ssh(f"mkdir -p {where} && tar -xzf {ARCHIVE} -C {where}"))
     if setup:
-        out.append(ssh(f"cd {remote_dir} && {setup}"))
+        out.append(ssh(f"cd {where} && {setup}"))  # a shell command by design
     exports = "".join(f"export {shlex.quote(kv)} && " for kv in env or [])
-    out.append(ssh(f"cd {remote_dir} && {exports}{shlex.join(command)}"))
+    out.append(ssh(f"cd {where} && {exports}{shlex.join(command)}"))
     return out
 
 

@@ -1,6 +1,10 @@
-"""Shared test set-up: slow tests run only with --runslow."""
+"""Shared test set-up: slow tests run only with --runslow; compiled programs are cached on disk."""
+
+import os
 
 import pytest
+
+from tpullm.cli import MIN_CACHED_COMPILE_SECONDS
 
 
 def pytest_addoption(parser):
@@ -9,6 +13,11 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; run with --runslow")
+    # jax's persistent compilation cache, in pytest's cache directory (.pytest_cache; --cache-clear
+    # empties it). jax reads these variables when imported, which happens after this hook, and the
+    # commands the tests start inherit them.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.cache.mkdir("jax_compilation_cache")))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_CACHED_COMPILE_SECONDS))
 
 
 def pytest_collection_modifyitems(config, items):

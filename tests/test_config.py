@@ -1,5 +1,6 @@
 """Tests for tpullm.config: field-naming validation errors and command-line overrides."""
 
+import ast
 import dataclasses
 
 import ml_collections
@@ -7,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from tpullm.config import ConfigError, ModelConfig, default_config, validate, validate_model
+from tpullm.config import RUN_BOUNDS, ConfigError, ModelConfig, default_config, unknown_key, validate, validate_model
 
 
 def model(**overrides) -> ModelConfig:
@@ -157,6 +158,106 @@ def test_validate_run_fields(section, key, value):
     c[section][key] = value
     with pytest.raises(ConfigError, match=f"{section}.{key}"):
         validate(c)
+
+
+def set_key(c, key, value):
+    *sections, leaf = key.split(".")
+    for part in sections:
+        c = c[part]
+    c[leaf] = value
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer.learning_rate", -1.0), ("optimizer.learning_rate", 0.0), ("optimizer.learning_rate", float("nan")),
+    ("optimizer.learning_rate", float("inf")), ("optimizer.b1", 1.0), ("optimizer.b2", -0.1),
+    ("optimizer.eps", 0.0), ("optimizer.weight_decay", -0.1), ("optimizer.grad_clip", -1.0),
+    ("optimizer.warmup_steps", -1), ("optimizer.min_lr_ratio", -0.1), ("optimizer.z_loss", -1e-4),
+    ("train.eval_batches", 0), ("train.keep_checkpoints", 0), ("train.keep_period", -1),
+    ("train.sample_tokens", -1), ("train.seed", -1), ("train.checkpoint_minutes", -1.0),
+    ("data.seq_len", 0), ("data.max_bytes", -1), ("data.shuffle_window_tokens", -1), ("data.num_workers", -2),
+    ("data.read_threads", 0), ("mesh.max_replicated_share", 1.5), ("mesh.ici.fsdp", 0), ("mesh.dcn.data", -2),
+    ("model.norm_eps", 0.0), ("model.init_std", -0.02),
+])
+def test_out_of_range_value_names_the_key_and_a_value_that_works(key, value):
+    c = default_config()
+    set_key(c, key, value)
+    with pytest.raises(ConfigError) as err:
+        validate(c)
+    msg = str(err.value)
+    assert msg.startswith(f"{key}="), msg
+    assert "\n" not in msg
+    if key in RUN_BOUNDS:  # the fix: the flag that sets it, with the default
+        assert f"--config.{key}=" in msg, msg
+        fixed = default_config()
+        set_key(fixed, key, ast.literal_eval(msg.split(f"--config.{key}=")[1].split()[0]))
+        validate(fixed)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer.b1", 0.0), ("optimizer.grad_clip", 0.0), ("optimizer.weight_decay", 0.0),
+    ("optimizer.warmup_steps", 0), ("optimizer.min_lr_ratio", 1.0), ("optimizer.min_lr_ratio", 0.0),
+    ("train.keep_period", 0), ("train.sample_tokens", 0), ("train.keep_checkpoints", 1), ("data.num_workers", -1),
+    ("data.max_bytes", 0), ("mesh.max_replicated_share", 1.0), ("mesh.ici.fsdp", -1), ("mesh.ici.data", 2),
+])
+def test_values_on_the_edge_of_their_range_are_accepted(key, value):
+    c = default_config()
+    if key == "mesh.ici.fsdp":
+        c.mesh.ici.data = 1  # one -1 per kind
+    set_key(c, key, value)
+    validate(c)
+
+
+def test_two_leftover_mesh_degrees_fail():
+    c = default_config()
+    c.mesh.ici.fsdp = -1  # data is -1 already
+    with pytest.raises(ConfigError, match="mesh.ici"):
+        validate(c)
+
+
+def test_every_number_of_a_run_config_has_a_range():
+    """A key added to default_config() without a check would let a bad value reach data loading."""
+    c = default_config()
+    numbers = [key for key, value in leaves(c) if isinstance(value, (int, float)) and not isinstance(value, bool)
+               and not key.startswith(("model.", "mesh.ici.", "mesh.dcn."))]
+    assert numbers and sorted(numbers) == sorted(RUN_BOUNDS)
+
+
+def leaves(node, base=""):
+    for k, v in node.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from leaves(v, f"{base}{k}.")
+        else:
+            yield base + k, v
+
+
+@pytest.mark.parametrize("source, must_mention", [
+    (dict(path="/data/web", weight=0.0), "data.sources.web.weight"),
+    (dict(path="/data/web", weight=float("nan")), "data.sources.web.weight"),
+    (dict(weight=1.0), "data.sources.web has no path"),
+])
+def test_mixture_sources_are_checked(source, must_mention):
+    c = default_config()
+    c.data.sources = {"web": source}
+    with pytest.raises(ConfigError, match=must_mention):
+        validate(c)
+
+
+@pytest.mark.parametrize("key, nearest", [
+    ("train.batchsize", "config.train.batch_size"), ("model.num_layerz", "config.model.num_layers"),
+    ("trian.steps", "config.train.steps"), ("mesh.ici.fdsp", "config.mesh.ici.fsdp"),
+])
+def test_unknown_key_names_it_and_the_nearest_valid_key(key, nearest):
+    msg = unknown_key(default_config(), key)
+    assert f"config.{key} is not a config key" in msg and f"did you mean {nearest}" in msg, msg
+
+
+def test_unknown_key_without_a_near_one_lists_the_section():
+    msg = unknown_key(default_config(), "optimizer.lr")
+    assert "config.optimizer has no 'lr'" in msg and "learning_rate" in msg and "weight_decay" in msg, msg
+    assert "is a value, not a section" in unknown_key(default_config(), "train.steps.x")
+    assert "config.data.sources is empty" in unknown_key(default_config(), "data.sources.web.path")
+    assert unknown_key(default_config(), "train.steps") is None
+    assert unknown_key(default_config(), "mesh.ici") is None
 
 
 def test_validate_reports_model_errors():

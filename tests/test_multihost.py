@@ -161,5 +161,37 @@ def test_tpu_pod_dry_run_prints_the_commands_for_every_worker():
          "--zone=z"]]
 
 
+
+def remote_commands(steps):
+    """The shell command of every ssh step: what each worker's shell runs."""
+    return [arg.split("=", 1)[1] for step in steps for arg in step if arg.startswith("--command=")]
+
+
+@pytest.mark.parametrize("remote_dir, resolved", [
+    ("~/x; echo INJECTED", "{home}/x; echo INJECTED"),
+    ("~/$(echo INJECTED >&2)`echo INJECTED`", "{home}/$(echo INJECTED >&2)`echo INJECTED`"),
+    ("{home}/a b; echo INJECTED", "{home}/a b; echo INJECTED"),
+])
+def test_tpu_pod_remote_dir_is_one_word_on_the_worker_and_tilde_still_means_home(tmp_path, monkeypatch, remote_dir,
+                                                                                 resolved):
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "marker.txt").write_text("unpacked")
+    archive = str(tmp_path / "code.tar.gz")
+    subprocess.run(["tar", "-czf", archive, "-C", str(tmp_path / "code"), "marker.txt"], check=True)
+    monkeypatch.setattr(tpu_pod, "ARCHIVE", archive)
+    steps = tpu_pod.commands("pod", "zone", ["cat", "marker.txt"], remote_dir=remote_dir.format(home=home),
+                             copy=True, setup="pwd")
+    outputs = []
+    for remote in remote_commands(steps):  # as the worker's login shell would run them
+        proc = subprocess.run(["bash", "-c", remote], cwd=tmp_path, env={**os.environ, "HOME": str(home)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (remote, proc.stderr)
+        assert "INJECTED" not in proc.stdout.replace(resolved.format(home=home), "") + proc.stderr, remote
+        outputs.append(proc.stdout)
+    assert outputs == ["", resolved.format(home=home) + "\n", "unpacked"]
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

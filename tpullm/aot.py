@@ -10,6 +10,7 @@ fits, then an analytic estimate (params, gradients, optimizer state, activations
 remat policy) and how far apart the two are. Exits 2 when the step does not fit (1 on errors).
 """
 
+import os
 import sys
 import time
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpullm import config as config_lib
+from tpullm import cli, config as config_lib
 from tpullm.parallel import memory, mesh as mesh_lib, rules, topology as topology_lib
 from tpullm.training import loop
 
@@ -49,6 +50,14 @@ def compile_step(config, devices):
     return compiled, setup, model_cfg
 
 
+def describe_host_to_libtpu(topo) -> None:
+    """libtpu, describing a slice on a machine that is no TPU worker, warns that it cannot find this
+    host's accelerator type and worker names (and takes a warning for a hostname). Naming the slice
+    being compiled for and this host answers it; the devices still come from the requested topology."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topo.chip.name}-{topo.chips_per_slice * topo.chip.cores_in_name}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def size(nbytes: float) -> str:
     """GiB for chip-sized figures, MiB below one GiB, right-aligned."""
     return f"{nbytes / 2**30:10.3f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:10.3f} MiB"
@@ -57,6 +66,7 @@ def size(nbytes: float) -> str:
 def report(config, topology_name: str, num_slices: int = 1) -> dict:
     """Compiles for the topology; returns the figures (bytes per chip) and the printable text."""
     topo = topology_lib.parse(topology_name, num_slices)
+    describe_host_to_libtpu(topo)
     devices = topology_lib.devices(topo)
     start = time.perf_counter()
     compiled, setup, model_cfg = compile_step(config, devices)
@@ -95,8 +105,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         result = report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.num_slices)
-    except (topology_lib.LibtpuMissing, config_lib.ConfigError) as e:
-        sys.exit(f"tpullm.aot: {e}")
+    except topology_lib.LibtpuMissing as e:
+        cli.fail(e)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -111,4 +121,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -10,8 +10,12 @@ the field's name and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 
 import ml_collections
+
+from tpullm.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -23,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "tensor", "expert")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
@@ -148,6 +152,8 @@ def validate_model(m: ModelConfig) -> None:
             f"model.num_heads")
     if m.rope_theta <= 0:
         raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
+    for name in ("norm_eps", "init_std"):
+        check_bound(f"model.{name}", getattr(m, name), POSITIVE, getattr(ModelConfig, name))
     _choice("sequence_attention", m.sequence_attention, SEQUENCE_ATTENTION)
     _validate_moe(m)
     _validate_pipeline(m)
@@ -298,16 +304,125 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The finite numbers a config value may take: between low and high, each end open or closed."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Bound(0, low_open=True), Bound(0), Bound(1)
+FRACTION, BELOW_ONE = Bound(0, 1), Bound(0, 1, high_open=True)
+
+# Every number of a run config outside `model` (validate_model checks those), with its range.
+RUN_BOUNDS = {
+    "data.seq_len": AT_LEAST_ONE, "data.val_fraction": BELOW_ONE, "data.max_bytes": NON_NEGATIVE,
+    "data.shuffle_window_tokens": NON_NEGATIVE, "data.num_workers": Bound(-1), "data.read_threads": AT_LEAST_ONE,
+    "optimizer.learning_rate": POSITIVE, "optimizer.warmup_steps": NON_NEGATIVE, "optimizer.min_lr_ratio": FRACTION,
+    "optimizer.b1": BELOW_ONE, "optimizer.b2": BELOW_ONE, "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE, "optimizer.grad_clip": NON_NEGATIVE, "optimizer.z_loss": NON_NEGATIVE,
+    "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum_steps": AT_LEAST_ONE,
+    "train.seed": NON_NEGATIVE, "train.log_every": AT_LEAST_ONE, "train.eval_every": AT_LEAST_ONE,
+    "train.eval_batches": AT_LEAST_ONE, "train.checkpoint_every": AT_LEAST_ONE,
+    "train.keep_checkpoints": AT_LEAST_ONE, "train.keep_period": NON_NEGATIVE,
+    "train.checkpoint_minutes": NON_NEGATIVE, "train.sample_tokens": NON_NEGATIVE,
+    "mesh.max_replicated_share": FRACTION,
+}
+
+
+def check_bound(key: str, value, bound: Bound, default) -> None:
+    """Raises ConfigError naming `key`, its range and a value that works (`default`) unless `bound` holds."""
+    if not bound.holds(value):
+        raise ConfigError(f"{key}={value!r} must be {bound} and finite; set e.g. --config.{key}={default!r} "
+                          f"(the default)")
+
+
+def _lookup(c: ml_collections.ConfigDict, key: str):
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
+def _validate_ranges(c: ml_collections.ConfigDict) -> None:
+    defaults = default_config()
+    for key, bound in RUN_BOUNDS.items():
+        check_bound(key, _lookup(c, key), bound, _lookup(defaults, key))
+    for kind in ("ici", "dcn"):
+        degrees = c.mesh[kind]
+        for axis, degree in degrees.items():
+            if isinstance(degree, bool) or not isinstance(degree, int) or (degree < 1 and degree != -1):
+                raise ConfigError(f"mesh.{kind}.{axis}={degree!r} must be a positive integer or -1 (the devices "
+                                  f"left over)")
+        if list(degrees.values()).count(-1) > 1:
+            raise ConfigError(f"mesh.{kind}: at most one axis may be -1 (the devices left over); got {dict(degrees)}")
+    for name, source in (c.data.get("sources") or {}).items():
+        weight = source.get("weight", 1.0)
+        if not source.get("path"):
+            raise ConfigError(f"data.sources.{name} has no path: give path=<a source data.corpus accepts>")
+        if not POSITIVE.holds(weight):
+            raise ConfigError(f"data.sources.{name}.weight={weight!r} must be {POSITIVE} and finite (its share of "
+                              f"tokens; drop the source instead of weighting it 0)")
+    if not c.data.get("sources") and not c.data.corpus:
+        raise ConfigError("data.corpus is empty: give python_stdlib, a glob, a prepared folder or hf:NAME, or set "
+                          "data.sources")
+
+
+def _is_section(node) -> bool:
+    return isinstance(node, (ml_collections.ConfigDict, dict))
+
+
+def _paths(node, base=""):
+    """Every dotted key of a config: sections and leaves."""
+    for k, v in node.items():
+        yield base + k
+        if _is_section(v):
+            yield from _paths(v, f"{base}{k}.")
+
+
+def unknown_key(config: ml_collections.ConfigDict, key: str, prefix: str = "config") -> str | None:
+    """None if the dotted `key` exists in `config`; else one line naming it and the nearest valid keys."""
+    parts = key.split(".")
+    node, depth = config, 0
+    while depth < len(parts) and _is_section(node) and parts[depth] in node:
+        node, depth = node[parts[depth]], depth + 1
+    if depth == len(parts):
+        return None
+    found = ".".join([prefix] + parts[:depth])
+    # The nearest keys inside the deepest section that exists: a misspelt leaf or subsection.
+    base = "".join(p + "." for p in parts[:depth])
+    nearest = [base + k for k in difflib.get_close_matches(".".join(parts[depth:]), list(_paths(node)), n=3,
+                                                          cutoff=0.6)] if _is_section(node) else []
+    if nearest:
+        hint = "did you mean " + " or ".join(f"{prefix}.{k}" for k in nearest) + "?"
+    elif _is_section(node) and node:
+        hint = f"the keys of {found} are {', '.join(sorted(node.keys()))}"
+    elif _is_section(node):
+        hint = f"{found} is empty here; a config file can fill it"
+    else:
+        hint = f"{found} is a value, not a section"
+    return f"{prefix}.{key} is not a config key: {found} has no {parts[depth]!r}; {hint}"
+
+
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     """Checks a whole run config; returns its resolved ModelConfig."""
     model = ModelConfig.from_any(c.model).resolve()
+    _validate_ranges(c)
     t, d, o = c.train, c.data, c.optimizer
-    for name, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                        ("train.grad_accum_steps", t.grad_accum_steps), ("data.seq_len", d.seq_len),
-                        ("train.log_every", t.log_every), ("train.eval_every", t.eval_every),
-                        ("train.checkpoint_every", t.checkpoint_every)):
-        if value <= 0:
-            raise ConfigError(f"{name}={value} must be positive")
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}: "
@@ -326,13 +441,9 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "
             f"position table; raise model.max_length or shorten data.seq_len")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if o.warmup_steps >= t.steps:
         raise ConfigError(
             f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)
     if model.sequence_attention == "ring" and sequence > 1:  # (-1 degrees are checked when traced)
         check_sequence_split(d.seq_len, sequence, model.sequence_load_balance)

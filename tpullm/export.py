@@ -13,7 +13,9 @@ import os
 import orbax.checkpoint as ocp
 from absl import app, flags
 
+from tpullm import cli
 from tpullm.checkpoint import load, manager
+from tpullm.errors import UserError, check_writable
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest).")
@@ -27,7 +29,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; exports never overwrite: choose a new --out or remove it yourself")
     if load.path_kind(workdir) != "workdir":
-        raise ValueError(f"{workdir} is already an export, not a training workdir")
+        raise UserError(f"{workdir} is already an export, not a training workdir")
     params = load.load_params(workdir, step)
     # Orbax writes to a temporary directory and renames it: a crash leaves no half export.
     ocp.PyTreeCheckpointer().save(os.path.join(out, load.EXPORT_PARAMS), args=ocp.args.PyTreeSave(params))
@@ -38,9 +40,10 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_writable(os.path.dirname(os.path.abspath(_OUT.value)), "the directory of --out")
     out = export(_WORKDIR.value, _OUT.value, _STEP.value)
     print(f"exported the params of {_WORKDIR.value} to {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

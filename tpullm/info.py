@@ -4,10 +4,10 @@
 """
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from tpullm import config as config_lib, models
+from tpullm import cli, config as config_lib, models
 from tpullm.training import flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

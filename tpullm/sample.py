@@ -8,9 +8,10 @@ import sys
 import jax
 from absl import app, flags
 
-from tpullm import data
+from tpullm import cli, data
 from tpullm.checkpoint import load_model
-from tpullm.inference.sampling import generate
+from tpullm.errors import warn
+from tpullm.inference.sampling import check_sampling, generate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
@@ -26,14 +27,19 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MAX_NEW.value)  # before loading a checkpoint
     # Which step was loaded goes to stderr: stdout holds the text alone.
     model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
     tokenizer = data.load_tokenizer(config.data.tokenizer)
-    new = generate(model, params, tokenizer.encode(_PROMPT.value), _MAX_NEW.value, jax.random.key(_SEED.value),
+    prompt = tokenizer.encode(_PROMPT.value)
+    if len(prompt) > config.data.seq_len:
+        warn(f"the prompt is {len(prompt)} tokens; the model sees only the last {config.data.seq_len} "
+             f"(data.seq_len, its training length)")
+    new = generate(model, params, prompt, _MAX_NEW.value, jax.random.key(_SEED.value),
                    context=config.data.seq_len, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                    top_p=_TOP_P.value, eos_id=tokenizer.eos_id)
     print(_PROMPT.value + tokenizer.decode(new))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, compilation_cache=True)

@@ -11,8 +11,10 @@
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from tpullm import cli
+from tpullm.errors import check_writable
 from tpullm.scaling import experiment as experiment_lib
 from tpullm.scaling.plan import plan_table
 
@@ -40,8 +42,6 @@ flags.mark_flags_as_required(["experiment", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep the per-run lines readable (orbax logs every save)
     experiment = experiment_lib.load_experiment(_EXPERIMENT.value)
     if _PRINT.value or _DRY_RUN.value:
         # The plan goes to stderr so that stdout holds only the commands (pipe it to a launcher).
@@ -49,7 +49,10 @@ def main(argv):
         for run in experiment.runs:
             print(experiment_lib.train_command(experiment, run, _WORKDIR.value))
         return
+    check_writable(_WORKDIR.value, "--workdir")
     if _ANALYZE.value:
+        if _ANALYSIS_DIR.value:
+            check_writable(_ANALYSIS_DIR.value, "--analysis_dir")
         from tpullm.scaling.report import analyze
 
         analyze(_WORKDIR.value, _ANALYSIS_DIR.value, n_key=_N_KEY.value, loss_key=_LOSS_KEY.value,
@@ -63,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

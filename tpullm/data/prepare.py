@@ -206,13 +206,16 @@ def prepare(specs: Sequence[SourceSpec], tokenizer_name: str, out: str, shards: 
 
 
 def _main(argv):
-    from absl import flags
+    from absl import app, flags
+
+    from tpullm.errors import check_writable
 
     f = flags.FLAGS
     if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not f.input or not f.out:
-        raise SystemExit("--input (repeatable: [NAME=]SOURCE) and --out are required")
+        raise app.UsageError("--input (repeatable: [NAME=]SOURCE) and --out are required")
+    check_writable(f.out, "--out")
     specs = []
     for item in f.input:
         name, _, path = item.partition("=") if "=" in item.split("/")[0] else ("", "", item)
@@ -222,7 +225,9 @@ def _main(argv):
 
 
 def main():
-    from absl import app, flags
+    from absl import flags
+
+    from tpullm import cli
 
     flags.DEFINE_multi_string("input", None, "[NAME=]SOURCE, repeatable: python_stdlib, a text glob, *.jsonl, "
                               "*.parquet, hf:NAME.")
@@ -235,7 +240,7 @@ def main():
     flags.DEFINE_integer("max_chars", Filters.max_chars, "Drop documents longer than this (0: no limit).")
     flags.DEFINE_float("max_non_text", Filters.max_non_text, "Drop documents with a larger share of control "
                        "characters and U+FFFD.")
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from tpullm.config import ConfigError
+from tpullm.errors import UserError, check_writable
+
 TOKENIZERS = ("bytes", "/path/to/sentencepiece.model")
 MODEL_TYPES = ("bpe", "unigram")
 # Lines longer than this (bytes) are left out of sentencepiece training (minified code, data
@@ -76,7 +79,11 @@ class SentencePieceTokenizer:
 
         self.path = path
         self._proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise UserError(f"{path} is not a sentencepiece model (it does not parse as one); set data.tokenizer "
+                            f"to 'bytes' or to a .model file written by sentencepiece") from e
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
@@ -131,8 +138,8 @@ def load_tokenizer(name: str) -> Tokenizer:
         return ByteTokenizer()
     if name.endswith(".model") or os.path.isfile(os.path.expanduser(name)):
         return SentencePieceTokenizer.load(name)
-    raise ValueError(f"unknown tokenizer {name!r}; data.tokenizer must be 'bytes' or the path of a "
-                     f"sentencepiece .model file (allowed: {TOKENIZERS})")
+    raise ConfigError(f"unknown tokenizer {name!r}; data.tokenizer must be 'bytes' or the path of a "
+                      f"sentencepiece .model file (allowed: {TOKENIZERS})")
 
 
 def _training_lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
@@ -185,22 +192,22 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
 # --------------------------------------------------------------------------- command line
 
 def _main(argv):
-    from absl import flags
+    from absl import app, flags
 
     from tpullm.data import sources
 
     f = flags.FLAGS
     if len(argv) != 2 or argv[1] != "train":
-        raise SystemExit("usage: python -m tpullm.data.tokenizer train --input=GLOB --vocab_size=N "
-                         "--model_type=bpe|unigram --out=PATH.model")
+        raise app.UsageError("usage: python -m tpullm.data.tokenizer train --input=GLOB --vocab_size=N "
+                             "--model_type=bpe|unigram --out=PATH.model")
     if not f.input or not f.out:
-        raise SystemExit("--input and --out are required")
+        raise app.UsageError("--input and --out are required")
+    out = os.path.expanduser(f.out)
+    check_writable(os.path.dirname(os.path.abspath(out)), "the directory of --out")
     spec = sources.parse_spec(f.input, field=f.field)
     report = sources.Counts()
     texts = (text for _, text in sources.iter_texts(spec, report))
     proto, counts = train_sentencepiece(texts, f.vocab_size, f.model_type, f.max_lines)
-    out = os.path.expanduser(f.out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "wb") as fh:
         fh.write(proto)
     tok = SentencePieceTokenizer(proto, out)
@@ -212,7 +219,9 @@ def _main(argv):
 
 
 def main():
-    from absl import app, flags
+    from absl import flags
+
+    from tpullm import cli
 
     flags.DEFINE_string("input", None, "Text to train on: a glob of text files, *.jsonl, *.parquet, "
                         "python_stdlib, hf:NAME.")
@@ -221,7 +230,7 @@ def main():
     flags.DEFINE_enum("model_type", "bpe", list(MODEL_TYPES), "Sentencepiece algorithm.")
     flags.DEFINE_integer("max_lines", 5_000_000, "Lines sampled for training (memory bound).")
     flags.DEFINE_string("out", None, "Path of the .model file to write.")
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,33 @@
 plain generation loop (one full forward pass per new token; KV-cache decoding comes later).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpullm.errors import UserError
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int = 0) -> None:
+    """Raises UserError for parameters the filters would silently reinterpret: top_p=0 would
+    exclude every token (and sampling from all -inf returns id 0), a negative temperature
+    would flip the distribution and a negative top_k would keep everything."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature={temperature} must be >= 0 and finite (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p} must be in (0, 1]: the smallest set of tokens whose probability reaches "
+                        f"top_p is kept (1: all); use temperature=0 for greedy")
+    if top_k < 0:
+        raise UserError(f"top_k={top_k} must be >= 0 (0: all tokens)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
 
 def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """logits: [batch, vocab] -> logits with the excluded tokens at -inf, scaled by 1/temperature."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
     if top_k > 0:
         kth = jnp.sort(logits, axis=-1)[:, -top_k][:, None]  # [batch, 1]
@@ -27,6 +47,7 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float
 
 def sample(rng, logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """One token per row of logits [batch, vocab]; temperature 0 means greedy."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     return jax.random.categorical(rng, filter_logits(logits, temperature, top_k, top_p), axis=-1)
@@ -40,7 +61,8 @@ def generate(model, params, prompt_ids, max_new_tokens: int, rng, context: int, 
     shape so the forward pass compiles once.
     """
     if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token to condition on")
+        raise UserError("the prompt is empty: give at least one token to condition on")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
 
     @jax.jit
     def next_token(params, window, last, rng):
