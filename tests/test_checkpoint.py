@@ -52,7 +52,7 @@ def test_damaged_newest_is_reported_moved_aside_and_previous_restored(tmp_path, 
         os.remove(victim)
     messages = []
     manager = ckpt.make_manager(str(tmp_path))
-    step, state = resume.restore_newest(manager, _abstract(), log=messages.append)
+    step, state = resume.restore_newest(manager, _abstract(), warn=messages.append)
     assert step == 2
     np.testing.assert_array_equal(state["w"], _state(2)["w"])
     assert len(messages) == 1 and "step 3" in messages[0] and "corrupt" in messages[0]
@@ -62,14 +62,14 @@ def test_damaged_newest_is_reported_moved_aside_and_previous_restored(tmp_path, 
     assert manager.all_steps() == [1, 2]
     ckpt.save(manager, 3, _state(3))
     manager.wait_until_finished()
-    assert resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), log=messages.append)[0] == 3
+    assert resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), warn=messages.append)[0] == 3
 
 
 def test_interrupted_save_is_never_a_step(tmp_path):
     """Orbax writes into a temporary directory renamed at commit; a crash leaves only that."""
     _save_steps(tmp_path, [1, 2])
     os.rename(tmp_path / "checkpoints" / "2", tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-123")
-    step, _ = resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), log=print)
+    step, _ = resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), warn=print)
     assert step == 1
 
 

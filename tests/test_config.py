@@ -172,8 +172,9 @@ def set_key(c, key, value):
     ("optimizer.learning_rate", float("inf")), ("optimizer.b1", 1.0), ("optimizer.b2", -0.1),
     ("optimizer.eps", 0.0), ("optimizer.weight_decay", -0.1), ("optimizer.grad_clip", -1.0),
     ("optimizer.warmup_steps", -1), ("optimizer.min_lr_ratio", -0.1), ("optimizer.z_loss", -1e-4),
-    ("train.eval_batches", 0), ("train.keep_checkpoints", 0), ("train.keep_period", -1),
-    ("train.sample_tokens", -1), ("train.seed", -1), ("train.checkpoint_minutes", -1.0),
+    ("train.eval_batches", 0), ("train.keep_checkpoints", 1), ("train.keep_period", -1),
+    ("train.sample_tokens", -1), ("train.sample_top_p", 0.0), ("train.sample_temperature", -0.5),
+    ("train.sample_top_k", -1), ("train.seed", -1), ("train.checkpoint_minutes", -1.0),
     ("data.seq_len", 0), ("data.max_bytes", -1), ("data.shuffle_window_tokens", -1), ("data.num_workers", -2),
     ("data.read_threads", 0), ("mesh.max_replicated_share", 1.5), ("mesh.ici.fsdp", 0), ("mesh.dcn.data", -2),
     ("model.norm_eps", 0.0), ("model.init_std", -0.02),
@@ -196,7 +197,7 @@ def test_out_of_range_value_names_the_key_and_a_value_that_works(key, value):
 @pytest.mark.parametrize("key, value", [
     ("optimizer.b1", 0.0), ("optimizer.grad_clip", 0.0), ("optimizer.weight_decay", 0.0),
     ("optimizer.warmup_steps", 0), ("optimizer.min_lr_ratio", 1.0), ("optimizer.min_lr_ratio", 0.0),
-    ("train.keep_period", 0), ("train.sample_tokens", 0), ("train.keep_checkpoints", 1), ("data.num_workers", -1),
+    ("train.keep_period", 0), ("train.sample_tokens", 0), ("train.keep_checkpoints", 2), ("data.num_workers", -1),
     ("data.max_bytes", 0), ("mesh.max_replicated_share", 1.0), ("mesh.ici.fsdp", -1), ("mesh.ici.data", 2),
 ])
 def test_values_on_the_edge_of_their_range_are_accepted(key, value):

@@ -86,7 +86,7 @@ def test_damaged_bytes_are_detected_moved_aside_and_the_previous_step_restored(t
         shutil.rmtree(os.path.join(step3, "state"))
         shutil.copytree(os.path.join(tmp_path, "checkpoints", "2", "state"), os.path.join(step3, "state"))
     messages = []
-    step, state = resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), log=messages.append)
+    step, state = resume.restore_newest(ckpt.make_manager(str(tmp_path)), _abstract(), warn=messages.append)
     assert step == 2
     np.testing.assert_array_equal(state["w"], _state(2)["w"])
     assert len(messages) == 1 and "step 3 is damaged" in messages[0]
@@ -196,7 +196,7 @@ def test_a_stale_lock_from_a_killed_run_does_not_block_the_restart(workdir, caps
     holder.wait()
     assert os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
     loop.train(smoke(steps=30), workdir)
-    assert "removing a stale lock" in capsys.readouterr().out
+    assert "WARNING: removing a stale lock" in capsys.readouterr().err
     assert steps_on_disk(workdir) == [10, 20, 30]
     assert not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
 
@@ -259,17 +259,21 @@ def test_too_little_validation_data():
 
 # ----- read-only commands fall back like training -------------------------------------------------
 
-def test_sample_and_export_fall_back_past_a_damaged_newest_step_without_moving_it(workdir, tmp_path):
+def test_sample_and_export_fall_back_past_a_damaged_newest_step_without_moving_it(workdir, tmp_path, capsys):
     expected = load.load_params(workdir, step=10, log=lambda m: None)
-    victim = largest_array_file(os.path.join(workdir, "checkpoints", "20"))
-    with open(victim, "r+b") as f:
-        f.seek(os.path.getsize(victim) // 3)
-        f.write(np.random.default_rng(2).bytes(4096))
+    # Noise in every array file: the params alone are read, so they must be hit too.
+    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    for victim in [os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs]:
+        if os.path.getsize(victim) > 8192:
+            with open(victim, "r+b") as f:
+                f.seek(os.path.getsize(victim) // 2)
+                f.write(np.random.default_rng(2).bytes(4096))
     messages = []
     params = load.load_params(workdir, log=messages.append)
     jax.tree.map(np.testing.assert_array_equal, params, expected)
-    assert "step 20 is damaged" in messages[0] and "left it in place" in messages[0]
-    assert messages[-1].startswith("loaded the params of step 10")
+    warning = capsys.readouterr().err
+    assert "WARNING: the checkpoint at step 20 is damaged" in warning and "left it in place" in warning
+    assert messages == [f"loaded the params of step 10 from {workdir}"]
     assert steps_on_disk(workdir) == [10, 20]
     from tpullm.export import export
     out = export(workdir, str(tmp_path / "export"))

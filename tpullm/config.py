@@ -339,8 +339,11 @@ RUN_BOUNDS = {
     "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum_steps": AT_LEAST_ONE,
     "train.seed": NON_NEGATIVE, "train.log_every": AT_LEAST_ONE, "train.eval_every": AT_LEAST_ONE,
     "train.eval_batches": AT_LEAST_ONE, "train.checkpoint_every": AT_LEAST_ONE,
-    "train.keep_checkpoints": AT_LEAST_ONE, "train.keep_period": NON_NEGATIVE,
+    # At least two: a newest step damaged on disk after its save always leaves one to resume from.
+    "train.keep_checkpoints": Bound(2), "train.keep_period": NON_NEGATIVE,
     "train.checkpoint_minutes": NON_NEGATIVE, "train.sample_tokens": NON_NEGATIVE,
+    "train.sample_temperature": NON_NEGATIVE, "train.sample_top_k": NON_NEGATIVE,
+    "train.sample_top_p": Bound(0, 1, low_open=True), "train.profile_steps": NON_NEGATIVE,
     "mesh.max_replicated_share": FRACTION,
 }
 

@@ -15,7 +15,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from tpullm import cli, data
-from tpullm.errors import check_writable
 from tpullm.inference.sampling import generate
 from tpullm.parallel import distributed
 from tpullm.training.loop import log, train
@@ -33,7 +32,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    check_writable(_WORKDIR.value, "--workdir")
     distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
     config = _CONFIG.value
     train(config, _WORKDIR.value, on_finish=lambda model, params: print_sample(config, model, params))

@@ -57,7 +57,7 @@ def _restore_params(manager, step: int, abstract):
 def load_params(path: str, step: int | None = None, log=print):
     """The params as a plain pytree on one device, from a workdir (the checkpoint at `step`,
     default the newest intact one, as training resumes) or from an export (which holds one step;
-    `step` must then be None). `log` is told which step was loaded and of any damaged one skipped."""
+    `step` must then be None). `log` is told which step was loaded; a damaged step skipped is a warning."""
     path = os.path.abspath(path)
     kind = path_kind(path)
     abstract = _abstract_params(read_config(path))
@@ -78,7 +78,7 @@ def load_params(path: str, step: int | None = None, log=print):
         check_shapes(os.path.join(str(manager.directory), str(step)), {"params": abstract})
         restored = _restore_params(manager, step, {"params": abstract})
     else:
-        step, restored = restore_newest(manager, {"params": abstract}, log=log, move_damaged=False,
+        step, restored = restore_newest(manager, {"params": abstract}, move_damaged=False,
                                         restore_fn=_restore_params)
         if step is None:
             raise FileNotFoundError(f"no intact checkpoint in {manager.directory} (every step is damaged; see above)")

@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from tpullm.config import ConfigError
+from tpullm.errors import warn
 
 LOCK_FILE = "LOCK"
 HEARTBEAT_SECONDS = 30.0
@@ -62,7 +63,7 @@ def holder_alive(holder: dict, heartbeat_age: float) -> bool:
     return heartbeat_age < STALE_SECONDS
 
 
-def _try_acquire(path: str, log) -> str | None:
+def _try_acquire(path: str, warn) -> str | None:
     """Takes the lock at `path`; returns None, or why it cannot (a live holder)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for _ in range(2):  # a second try after removing a stale lock
@@ -76,7 +77,7 @@ def _try_acquire(path: str, log) -> str | None:
             except (OSError, ValueError):
                 holder, age = {}, 0.0  # being written right now by another run: treat as live
             if holder and not holder_alive(holder, age):
-                log(f"WARNING: removing a stale lock in {os.path.dirname(path)} (run of pid {holder.get('pid')} on "
+                warn(f"removing a stale lock in {os.path.dirname(path)} (run of pid {holder.get('pid')} on "
                     f"{holder.get('host')} started {holder.get('started')} is no longer running)")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
@@ -91,12 +92,12 @@ def _try_acquire(path: str, log) -> str | None:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, log=print):
+def hold(workdir: str, warn=warn):
     """Holds `<workdir>/LOCK` for the duration of the block, for all processes of a run (process 0
     takes it; the others learn the outcome), with a heartbeat thread; raises WorkdirLocked if a
     live run holds it."""
     path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-    refusal = _try_acquire(path, log) if jax.process_index() == 0 else None
+    refusal = _try_acquire(path, warn) if jax.process_index() == 0 else None
     if jax.process_count() > 1:
         ok = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
         if not ok:

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from tpullm.checkpoint import integrity, manager as ckpt
 from tpullm.config import ConfigError
+from tpullm.errors import warn
 
 CORRUPT_DIR = "checkpoints_corrupt"
 
@@ -76,12 +77,10 @@ def _shape(a) -> str:
     return "nothing" if a is None else f"{tuple(a.shape)} {np.dtype(a.dtype).name}"
 
 
-def restore_newest(manager, abstract_state, data_iterator=None, log=print, move_damaged: bool = True,
-                   restore_fn=ckpt.restore):
-    """(step, state) of the newest checkpoint that restores intact (the train state and, when
-    `data_iterator` is given, the data iterator's position), or (None, None) when there is none.
+def restore_newest(manager, abstract_state, warn=warn, move_damaged: bool = True, restore_fn=ckpt.restore):
+    """(step, state) of the newest checkpoint that restores intact, or (None, None) when there is none.
 
-    Damaged steps are reported through `log` and moved aside (`move_damaged`) or skipped.
+    Damaged steps are reported through `warn` and moved aside (`move_damaged`) or skipped.
     `restore_fn(manager, step, abstract_state)` restores one step and raises on damage; the default
     restores a whole train state, `load.py` passes one that reads the params alone.
     """
@@ -89,8 +88,6 @@ def restore_newest(manager, abstract_state, data_iterator=None, log=print, move_
         check_shapes(os.path.join(str(manager.directory), str(step)), abstract_state)
         try:
             state = restore_fn(manager, step, abstract_state)
-            if data_iterator is not None:
-                ckpt.restore_data(manager, step, data_iterator)
             error = None
         except Exception as e:  # noqa: BLE001 -- any failure to read a step means: try the previous one
             state, error = None, e
@@ -101,5 +98,5 @@ def restore_newest(manager, abstract_state, data_iterator=None, log=print, move_
             where = f"moved it to {quarantine(manager, step)}"
         else:
             where = "left it in place (the next training run moves it aside)"
-        log(f"WARNING: the checkpoint at step {step} is damaged ({reason}); {where} and trying the previous one")
+        warn(f"the checkpoint at step {step} is damaged ({reason}); {where} and trying the previous one")
     return None, None

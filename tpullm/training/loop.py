@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpullm import config as config_lib, data
+from tpullm import errors
+from tpullm.errors import UserError
 from tpullm.checkpoint import (config_change as ckpt_config, lock as ckpt_lock, manager as ckpt,
                                policy as ckpt_policy, resume as ckpt_resume)
 from tpullm.models import Decoder
@@ -31,6 +33,12 @@ def log(message: str) -> None:
     """Progress for people: process 0 prints, the others stay quiet."""
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning, from process 0 only, that stands out from the progress lines."""
+    if jax.process_index() == 0:
+        errors.warn(message)
 
 
 @dataclasses.dataclass
@@ -113,8 +121,8 @@ def _check_finite(step: int, metrics: dict, newest_saved: int | None) -> None:
         f"set optimizer.grad_clip, then run the same command to resume")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN or infinite: the message says which settings to change."""
 
 
 def _resume_data(manager, step: int, batches, changes: dict, config) -> None:
@@ -143,8 +151,9 @@ def train(config, workdir: str, on_finish=None) -> dict:
     `on_finish(model, params)`, if given, runs at the end of a run that was not preempted, on the
     mesh (the train command prints a sample with it)."""
     model_cfg = config_lib.validate(config)
+    errors.check_writable(workdir, "--workdir")
     t = config.train
-    with ckpt_lock.hold(workdir, log):
+    with ckpt_lock.hold(workdir, warn):
         manager = ckpt.make_manager(workdir, t.keep_checkpoints, t.keep_period)
         changes = ckpt_config.check_resume(workdir, config, max(manager.all_steps(), default=None), log)
         return _train(config, model_cfg, workdir, manager, changes, on_finish)
@@ -161,7 +170,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     for line in sources.describe():
         log(f"data: {line}")
     val_rows = sources.validation_rows(config.data.seq_len, max_rows=t.eval_batches * t.batch_size)
-    validation.check_rows(val_rows.n_rows, t.batch_size, config.data.val_fraction, log)
+    validation.check_rows(val_rows.n_rows, t.batch_size, config.data.val_fraction, warn)
     val_rows = val_rows.take(slice(None))
     unigram = sources.unigram_entropy()
     log(f"data: {len(val_rows['tokens'])} validation rows of {config.data.seq_len} tokens; unigram entropy "
@@ -187,7 +196,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
 
     save_policy = ckpt_policy.SavePolicy(t.checkpoint_every, t.checkpoint_minutes, t.steps, agree_every=t.log_every)
     # The newest checkpoint that restores intact; damaged ones are reported and moved aside.
-    start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, log=log)
+    start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, warn=warn)
     if start is None:
         state = setup.init_state(jax.random.key(t.seed))
         start = 0

@@ -30,7 +30,7 @@ def check_rows(n_rows: int, batch_size: int, val_fraction: float, warn) -> None:
             f"no validation rows: data.val_fraction={val_fraction} of the corpus' documents holds no complete row; "
             f"raise data.val_fraction, lower data.seq_len, or add data")
     if n_rows < batch_size:
-        warn(f"WARNING: only {n_rows} validation rows, fewer than one batch of train.batch_size={batch_size}; the "
+        warn(f"only {n_rows} validation rows, fewer than one batch of train.batch_size={batch_size}; the "
              f"validation loss is measured on them alone (raise data.val_fraction for a steadier one)")
 
 
