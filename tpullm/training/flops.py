@@ -1,4 +1,4 @@
-"""Parameter counts, training FLOPs per token, chip peaks and MFU: plain Python arithmetic.
+"""Parameter counts, training FLOPs per token and chip peaks: plain Python arithmetic.
 
 Everything reads a *resolved* `ModelConfig` (`num_kv_heads` and `head_dim` filled in);
 an unresolved one is resolved here so 0 ("derive") never leaks into a count.
@@ -155,13 +155,3 @@ def peak_flops_per_device(device) -> float | None:
             return peak / dict(_DEVICES_PER_CHIP).get(name, 1)
     return None
 
-
-def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the device's peak (None if unknown).
-
-    Pass `flops_per_token(m, seq_len)["total"]`: the model's FLOPs, not the hardware's, so
-    rematerialization does not raise MFU.
-    """
-    if not peak:
-        return None
-    return tokens_per_sec_per_device * flops_per_token / peak
