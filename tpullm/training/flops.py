@@ -92,9 +92,51 @@ def param_counts(m: ModelConfig) -> dict:
     }
 
 
-def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
-    """Training (forward + backward) FLOPs per token; see FLOPS_CONVENTION.
+def forward_flops(m: ModelConfig, seq_len: int) -> dict:
+    """Forward FLOPs per token by part, the accounting of Hoffmann et al. 2022 (Chinchilla), App. F.
 
+    Per token (the paper's per-sequence terms divided by seq_len s), with d = embed_dim, V = vocab,
+    h / h_kv query / key-value heads of k = head_dim, a = min(s, window) keys attended:
+        embeddings        2 V d                 (the lookup counted as a one-hot matmul)
+        qkv               2 d (h + 2 h_kv) k    (per layer; the paper has 2*3*d*k*h, GQA shrinks K and V)
+        attention_logits  2 a k h               (per layer: key @ query)
+        softmax           3 h a                 (per layer)
+        attention_values  2 a k h               (per layer: softmax @ value)
+        attention_output  2 k h d               (per layer)
+        mlp               2 x the MLP weights of all layers (2 or 3 d x mlp_dim matrices; in MoE layers
+                          the experts_per_token experts and the router)
+        final_logits      2 d V
+    plus `attention` (the five per-layer attention parts summed), `dense` (mlp per layer),
+    `layers` (all layers), `forward` and `train` (= 3 x forward: backward is twice the forward).
+    The full s x s square counts (no causal halving), as in the paper.
+    """
+    m = _resolved(m)
+    attended = min(seq_len, m.sliding_window) if m.sliding_window else seq_len
+    d, v, h, hk, k = m.embed_dim, m.vocab_size, m.num_heads, m.num_kv_heads, m.head_dim
+    part = {
+        "embeddings": 2 * v * d,
+        "qkv": 2 * d * (h + 2 * hk) * k,
+        "attention_logits": 2 * attended * k * h,
+        "softmax": 3 * h * attended,
+        "attention_values": 2 * attended * k * h,
+        "attention_output": 2 * k * h * d,
+    }
+    part["attention"] = sum(part[name] for name in ("qkv", "attention_logits", "softmax", "attention_values",
+                                                    "attention_output"))
+    part["mlp"] = 2 * (m.num_layers * _mlp_matrices(m) + moe_layers(m) * _moe_extra(m, m.experts_per_token))
+    part["dense"] = part["mlp"] / m.num_layers
+    part["final_logits"] = 2 * d * v
+    part["layers"] = m.num_layers * part["attention"] + part["mlp"]
+    part["forward"] = part["embeddings"] + part["layers"] + part["final_logits"]
+    part["train"] = 3 * part["forward"]
+    return part
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
+    """Training (forward + backward) FLOPs per token for MFU; see FLOPS_CONVENTION.
+
+    These are `forward_flops`' parts without the embedding lookup and the softmax: the matmuls
+    (2 FLOPs per weight and token, so 6 with the backward) and the attention's two products.
     The logits matmul counts even with tied embeddings: the weights are shared but the
     multiply still happens. The attention term is the full seq_len x seq_len square, not the
     causal half that a masked kernel could skip, so MFU is comparable with published numbers.
@@ -102,15 +144,12 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
     weights), not capacity padding or dropped tokens.
     """
     m = _resolved(m)
-    matmul_params = (m.num_layers * _layer_matrices(m) + moe_layers(m) * _moe_extra(m, m.experts_per_token)
-                     + m.embed_dim * m.vocab_size)
-    attended = min(seq_len, m.sliding_window) if m.sliding_window else seq_len
-    # Per token and layer, forward: QK^T and AV are each 2 * attended * heads * head_dim.
-    # Backward costs twice the forward, hence the 3.
-    attention = 3 * 2 * 2 * m.num_layers * attended * m.num_heads * m.head_dim
+    part = forward_flops(m, seq_len)
+    matmul_flops = m.num_layers * (part["qkv"] + part["attention_output"]) + part["mlp"] + part["final_logits"]
+    attention = 3 * m.num_layers * (part["attention_logits"] + part["attention_values"])
     return {
-        "total": 6 * matmul_params + attention,
-        "matmul_params": matmul_params,
+        "total": 3 * matmul_flops + attention,
+        "matmul_params": matmul_flops // 2,
         "attention": attention,
         "convention": FLOPS_CONVENTION,
     }
