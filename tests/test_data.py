@@ -8,6 +8,7 @@ import pytest
 from tpullm.data import (ByteTokenizer, PackedRows, load_tokenizer, pack_documents, python_stdlib_files,
                          unigram_entropy)
 from tpullm.data.sources import Counts, SourceSpec, TextDocuments, iter_texts, open_source, parse_spec, split_indices
+from tpullm.data.synthetic import random_packed_batch
 
 EOS = 2
 
@@ -177,3 +178,24 @@ def test_unigram_entropy_uniform_is_log_k():
     # With eos: K symbols once each plus one eos per document, here K+1 equally likely symbols.
     assert unigram_entropy([list(range(3, 3 + k - 1)), [3 + k - 1]], eos_id=EOS) == pytest.approx(
         -(k / (k + 2)) * math.log(1 / (k + 2)) - (2 / (k + 2)) * math.log(2 / (k + 2)))
+
+
+# --- random packed batches ----------------------------------------------------------------------
+
+def test_random_packed_batch_is_a_packed_training_batch():
+    batch = random_packed_batch(6, 32, vocab=50, seed=3)
+    assert set(batch) == {"tokens", "targets", "segment_ids", "positions", "loss_mask"}
+    assert all(v.shape == (6, 32) for v in batch.values()) and batch["loss_mask"].dtype == np.float32
+    real = batch["segment_ids"] > 0
+    np.testing.assert_array_equal(batch["loss_mask"], real)
+    assert (batch["tokens"][real] >= 1).all() and (batch["tokens"][real] < 49).all()
+    assert not real[-1].all() and real[:-1].all()  # only the last row has padding
+    assert (batch["segment_ids"].max(axis=1) >= 1).all() and batch["segment_ids"].max() > 1
+    # Positions restart at 0 with each segment and count up inside it.
+    starts = np.diff(batch["segment_ids"], axis=1, prepend=0) != 0
+    assert (batch["positions"][starts & real] == 0).all()
+    inside = ~starts & real
+    assert (batch["positions"][inside] == np.roll(batch["positions"], 1, axis=1)[inside] + 1).all()
+    uneven = random_packed_batch(6, 32, vocab=50, seed=3, uneven_loss_mask=True)
+    assert (uneven["loss_mask"] <= batch["loss_mask"]).all() and uneven["loss_mask"].sum() < batch["loss_mask"].sum()
+    np.testing.assert_array_equal(uneven["tokens"], batch["tokens"])

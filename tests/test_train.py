@@ -12,6 +12,7 @@ import pytest
 
 from configs import demo
 from tpullm import config as config_lib
+from tpullm.data.synthetic import random_packed_batch
 from tpullm.parallel import rules
 from tpullm.training import loop
 from tpullm.training.step import make_train_step
@@ -25,22 +26,12 @@ def run(args, **kwargs):
                           timeout=600, **kwargs)
 
 
-def random_batch(batch, length, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    segment = np.where(np.arange(length) < length // 3, 1, 2)[None].repeat(batch, 0).astype(np.int32)
-    return {"tokens": rng.integers(0, vocab, (batch, length), dtype=np.int32),
-            "targets": rng.integers(0, vocab, (batch, length), dtype=np.int32),
-            "segment_ids": segment,
-            "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
-            # Uneven real-token counts per row, so a per-microbatch mean would weigh rows wrongly.
-            "loss_mask": (rng.random((batch, length)) < np.linspace(0.2, 1.0, batch)[:, None]).astype(np.float32)}
-
-
 def test_grad_accumulation_equals_one_big_batch():
     c = demo.get_config("smoke")
     model_cfg = config_lib.validate(c)
     setup = loop.build(c, model_cfg)
-    batch = random_batch(8, c.data.seq_len, model_cfg.vocab_size)
+    # Uneven real-token counts per row, so a per-microbatch mean would weigh rows wrongly.
+    batch = random_packed_batch(8, c.data.seq_len, model_cfg.vocab_size, uneven_loss_mask=True)
     results = []
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         for accum in (1, 4):
