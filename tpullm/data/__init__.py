@@ -5,6 +5,8 @@
   - `DataSources(config.data, tokenizer)` and `make_pipeline(...)`: the training batches of one
     process (grain: shuffle, per-process share, mixture, packing, prefetch workers), checkpointable
     with `get_state`/`set_state`; `DataSources.validation_rows` for evaluation.
+  - `synthetic.random_packed_batch(...)`: random documents packed like a training batch, for tests and
+    benchmarks
 """
 
 from __future__ import annotations
