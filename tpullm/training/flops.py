@@ -12,8 +12,8 @@ from tpullm.config import ModelConfig
 
 FLOPS_CONVENTION = (
     "6 * matmul_params + attention; matmul_params = non-embedding weight matrices + the "
-    "vocab x embed unembedding (norms, biases and the embedding lookup excluded; MoE layers: the router "
-    "and the experts_per_token active experts); "
+    "vocab x embed unembedding (norms, biases, the embedding lookup and vocab padding excluded; MoE "
+    "layers: the router and the experts_per_token active experts); "
     "attention = 3 * 4 * layers * min(seq_len, window) * heads * head_dim for QK^T and AV, "
     "full (not causally halved) as in Chinchilla (Hoffmann et al. 2022, App. F) and PaLM's MFU")
 
@@ -69,12 +69,13 @@ def _norm_params(m: ModelConfig) -> int:
 
 
 def param_counts(m: ModelConfig) -> dict:
-    """{'total', 'non_embedding', 'active', 'active_non_embedding'} counted from the config.
+    """{'total', 'non_embedding', 'active', 'active_non_embedding', 'vocab_padding'} counted from the config.
 
     non_embedding is Kaplan et al.'s N: everything but the token embedding, the learned
     position table and the lm head (norms and biases included). The active counts are what one
     token uses: in MoE layers the router and experts_per_token experts (equal to the totals for
-    a dense model).
+    a dense model). The counts are of the model's vocab_size; vocab_padding is the rows the
+    tables hold beyond it (`vocab_pad_multiple`), which the built module adds to the total.
     """
     m = _resolved(m)
     token_embedding = m.vocab_size * m.embed_dim
@@ -89,6 +90,7 @@ def param_counts(m: ModelConfig) -> dict:
         "non_embedding": non_embedding,
         "active": embedding + active_non_embedding,
         "active_non_embedding": active_non_embedding,
+        "vocab_padding": (m.padded_vocab_size - m.vocab_size) * m.embed_dim * (1 if m.tie_embeddings else 2),
     }
 
 
