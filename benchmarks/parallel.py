@@ -20,12 +20,12 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from step_timing import median_step_ms, peak_bytes  # noqa: E402
 from tpullm.aot import compile_step  # noqa: E402
+from tpullm.data.synthetic import random_packed_batch  # noqa: E402
 from tpullm.parallel import memory  # noqa: E402
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
@@ -44,15 +44,6 @@ STRATEGIES = [
 ]
 
 
-def random_batch(config):
-    b, length, vocab = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, vocab, (b, length), dtype=np.int32)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones((b, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-            "loss_mask": np.ones((b, length), np.float32)}
-
-
 def measure(base, ici, model, steps):
     config = base.copy_and_resolve_references()
     config.model.update(model)
@@ -63,7 +54,8 @@ def measure(base, ici, model, steps):
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     state_bytes = memory.shard_bytes((setup.abstract_state.params, setup.abstract_state.opt_state))
-    step_ms, metrics = median_step_ms(compiled, setup, random_batch(config), steps)
+    step_ms, metrics = median_step_ms(compiled, setup, random_packed_batch(
+        config.train.batch_size, config.data.seq_len, config.model.vocab_size), steps)
     return {"step_ms": step_ms, "compile_s": compile_s, "state": state_bytes, "args": stats.argument_size_in_bytes,
             "temp": stats.temp_size_in_bytes, "peak": peak_bytes(stats), "loss": float(metrics["loss"])}
 

@@ -23,11 +23,11 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from tpullm import config as config_lib, data
+from tpullm.data.synthetic import random_packed_batch
 from tpullm.parallel import rules
 from tpullm.training import flops, loop
 from tpullm.training.step import make_train_step
@@ -154,18 +154,6 @@ def make_floor_step(m, o, total_steps, z_loss):
 
 # ---------------------------------------------------------------- helpers
 
-def synthetic_batch(config, seed=0):
-    """Random documents packed into exactly batch_size rows; the last row ends in padding."""
-    b, length, vocab = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    rng, docs, total = np.random.default_rng(seed), [], 0
-    want = b * length - length // 3
-    while total < want:
-        n = min(int(rng.integers(8, 2 * length)), want - total)
-        docs.append(rng.integers(1, vocab - 1, n))
-        total += n
-    return data.pack_documents(docs, length, eos_id=vocab - 1).take(slice(0, b))
-
-
 def timed(fn, state, batch, steps):
     """Runs `steps` steps; returns the state and (wall, process CPU) seconds per step."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -214,7 +202,8 @@ def main(argv):
           f"{jax.device_count()} {device.platform} device(s)")
 
     setup, batch_sharding, tp_step = build_tpullm(config, m)
-    batch = loop.put_batch(synthetic_batch(config), batch_sharding)
+    batch = loop.put_batch(random_packed_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size),
+                           batch_sharding)
     tp_state = setup.init_state(jax.random.key(config.train.seed))
     fl_params = floor_params(tp_state.params)  # the same initial values, in the floor's layout
     fl_state = (fl_params, jax.tree.map(jnp.zeros_like, fl_params), jax.tree.map(jnp.zeros_like, fl_params),

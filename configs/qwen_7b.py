@@ -20,5 +20,5 @@ def get_config(arg=None):
         c.model.update(vocab_size=152064, embed_dim=3584, num_layers=28, num_heads=28, num_kv_heads=4,
                        mlp_dim=18944, rope_theta=1e6, max_length=32768)
     else:
-        raise ValueError(f"configs/qwen_7b.py: unknown variant {arg!r}; use no argument or :qwen2")
+        raise common.unknown_variant(__file__, arg, (None, "qwen2"))
     return common.llama_recipe(c, seq_len=4096)

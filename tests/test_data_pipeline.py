@@ -298,7 +298,11 @@ def test_mixture_delivers_token_shares_by_weight_and_reports_epochs(tmp_path):
     assert p.accounting.token_shares() == pytest.approx({"long": tokens[0] / total, "short": tokens[1] / total})
     assert p.epochs() == pytest.approx({"long": starts[0] / 40, "short": starts[1] / 200})
     assert p.epochs()["short"] > 1.0  # the small source repeats, as LLaMA's Wikipedia did
-    planned = DataSources(c, ByteTokenizer()).planned_epochs(150 * 4 * 64)
+    # The epochs planned from the weights and each source's estimated size (mean tokens x documents).
+    sources = DataSources(c, ByteTokenizer())
+    weights = {"long": 0.75, "short": 0.25}
+    planned = {name: 150 * 4 * 64 * weights[name] / (sources.mean_tokens(k) * sources.train_ids[k].size)
+               for k, name in enumerate(sources.names)}
     assert planned == pytest.approx(p.epochs(), rel=0.15)
     assert "long: 75." in p.accounting.summary() or "long: 7" in p.accounting.summary()
 

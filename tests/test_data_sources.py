@@ -126,17 +126,19 @@ def raw(tmp_path):
     return tmp_path, good
 
 
-def test_prepare_drops_duplicates_and_junk_and_reports_why(raw, capsys):
+def test_prepare_drops_duplicates_and_junk_and_reports_why(raw):
     tmp_path, good = raw
     specs = [parse_spec(str(tmp_path / "web.jsonl")), parse_spec(str(tmp_path / "books" / "*.txt"))]
-    results = prepare_lib.prepare(specs, "bytes", str(tmp_path / "out"), shards=3, workers=1)
+    results = prepare_lib.prepare(specs, "bytes", str(tmp_path / "out"), shards=3, workers=1, log=lambda _: None)
     web, books = results
     assert (web.kept, books.kept) == (30, 11)
     assert web.dropped == {"exact duplicates": 1, "shorter than 32 chars": 1, "over 10% non-text chars": 1}
     assert web.read.bad == {"invalid JSON": 1}
     assert books.dropped == {"exact duplicates": 5} and books.read.broken_utf8 == 1
-    out = capsys.readouterr().out
-    assert "kept:    30 documents" in out and "1 exact duplicates" in out and "1 invalid JSON" in out
+    # The manifest keeps the report: what was read, kept and dropped, and why.
+    manifest = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())
+    assert manifest["documents"] == 30 and manifest["dropped"] == web.dropped
+    assert manifest["read"]["bad"] == {"invalid JSON": 1}
     # The shards hold the kept documents' token ids, round-robin over the shards, in input order.
     source = TokenShards(parse_spec(str(tmp_path / "out" / "web")), ByteTokenizer())
     assert len(source) == 30 and source.manifest["dtype"] == "<u2" and len(source.paths) == 3

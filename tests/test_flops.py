@@ -5,8 +5,8 @@ import jax
 import pytest
 
 from tpullm.config import ModelConfig
-from tpullm.training.flops import (CPU_PEAK_FLOPS, PEAK_FLOPS_ENV, flops_per_token, mfu, param_counts,
-                                   peak_flops_per_device)
+from tpullm.training import metrics
+from tpullm.training.flops import CPU_PEAK_FLOPS, PEAK_FLOPS_ENV, flops_per_token, param_counts, peak_flops_per_device
 
 LLAMA2_7B = ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, mlp_dim=11008,
                         mlp="swiglu", norm="rmsnorm", positions="rope", tie_embeddings=False,
@@ -107,6 +107,14 @@ def test_peak_flops_real_device(monkeypatch):
         assert peak == CPU_PEAK_FLOPS
 
 
-def test_mfu():
-    assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
-    assert mfu(1000.0, 1e9, None) is None
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None, monkeypatch) -> float | None:
+    """The MFU the training loop reports for one step of `tokens_per_sec` tokens taking one second."""
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    report = metrics.Throughput(int(tokens_per_sec), flops_per_token, peak, total_steps=2, start_step=0).report(1)
+    return report.get("mfu")
+
+
+def test_mfu(monkeypatch):
+    assert mfu(1000.0, 1e9, 1e13, monkeypatch) == pytest.approx(0.1)
+    assert mfu(1000.0, 1e9, None, monkeypatch) is None

@@ -122,6 +122,38 @@ def test_packed_documents_match_hf_run_alone(converted):
     assert worst < TOL
 
 
+def test_gpt2_vocabulary_padded_to_128_matches_hf():
+    """GPT-2's 50257 ids (tiny width) in tables of 50304 rows: HF's logits on the real ids, HF's loss,
+    zero padding rows, and without the padding again the unpadded conversion's tables."""
+    import jax
+
+    from tpullm.interop import unpad_vocab
+    from tpullm.training.loss import cross_entropy
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     initializer_range=0.1)
+    config._attn_implementation = "eager"
+    hf_model = transformers.GPT2LMHeadModel(config).to(torch.float32).eval()
+    cfg, params = from_hf(hf_model, vocab_pad_multiple=128)
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (50257, 50304)
+    assert params["token_embed"]["embedding"].shape == (50304, 32)
+    assert not np.asarray(params["token_embed"]["embedding"][50257:]).any()
+    rng = np.random.default_rng(3)
+    tokens, targets = rng.integers(0, 50257, (2, LENGTH)), rng.integers(0, 50257, (2, LENGTH))
+    ours = np.asarray(jax.jit(models.build(cfg).apply)({"params": params}, tokens))
+    ref = hf_logits(hf_model, tokens)
+    assert ours.shape == (2, LENGTH, 50304) and ref.shape == (2, LENGTH, 50257)
+    assert np.abs(ours[..., :50257] - ref).max() < TOL and ref.std() > 0.5
+    assert (ours.argmax(-1) < 50257).all()
+    mask = np.ones(tokens.shape, np.float32)
+    assert float(cross_entropy(ours, targets, mask)[0]) == pytest.approx(float(cross_entropy(ref, targets, mask)[0]),
+                                                                         rel=1e-5)
+    _, unpadded = from_hf(hf_model)
+    for a, b in zip(jax.tree.leaves(unpad_vocab(cfg, params)), jax.tree.leaves(unpadded)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_config_mapping():
     cfg = config_from_hf(FAMILIES["mistral"][1])
     assert (cfg.sliding_window, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias) == (8, 2, 16, False)

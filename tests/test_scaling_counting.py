@@ -131,7 +131,7 @@ def test_count_params_matches_training_flops_for_dense_models():
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig(ModelConfig):
-    """Stands in for the MoE fields ModelConfig will get."""
+    """A ModelConfig whose defaults are Mixtral's expert layout: 8 experts, top-2, every layer."""
 
     num_experts: int = 8
     experts_per_token: int = 2

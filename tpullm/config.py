@@ -40,6 +40,10 @@ class ModelConfig:
     """
 
     vocab_size: int = 320
+    # The embedding and logits tables get vocab_size rounded up to a multiple of this (GPT-2's 50257
+    # -> 50304 with 128), so the vocab axis splits evenly over tensor-parallel degrees. The padded
+    # ids' logits are masked to the dtype's lowest value: never sampled, never in the loss.
+    vocab_pad_multiple: int = 1
     embed_dim: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -94,6 +98,11 @@ class ModelConfig:
     pipeline_microbatches: int = 0
     pipeline_repeats: int = 1
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the embedding and logits tables: vocab_size rounded up to vocab_pad_multiple."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
     def resolve(self) -> "ModelConfig":
         """A copy with the derived fields filled in, after validation."""
         validate_model(self)
@@ -133,6 +142,8 @@ def validate_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_length"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name}={getattr(m, name)} must be positive")
+    if m.vocab_pad_multiple <= 0:
+        raise ConfigError(f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be positive (1: no padding)")
     if m.num_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
         raise ConfigError("model.num_kv_heads, model.head_dim and model.sliding_window must be >= 0 (0 means default)")
     kv = m.num_kv_heads or m.num_heads

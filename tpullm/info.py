@@ -35,7 +35,11 @@ def main(argv):
         print(f"  active per token:        {counts['active']:>18,}  ({counts['active'] / 1e9:.2f}B; "
               f"{model_cfg.experts_per_token} of {model_cfg.num_experts} experts)")
         print(f"  active without embeddings:{counts['active_non_embedding']:>17,}")
-    print(f"  in the built module:     {built:>18,}  ({'matches' if built == counts['total'] else 'DIFFERS'})")
+    if counts["vocab_padding"]:
+        print(f"  vocab padding:           {counts['vocab_padding']:>18,}  (vocab {model_cfg.vocab_size:,} -> "
+              f"{model_cfg.padded_vocab_size:,} rows)")
+    expected = counts["total"] + counts["vocab_padding"]
+    print(f"  in the built module:     {built:>18,}  ({'matches' if built == expected else 'DIFFERS'})")
     print(f"FLOPs per token (train):   {fpt['total']:>18,.0f}  at seq_len {config.data.seq_len}"
           f"{' (active parameters)' if model_cfg.num_experts else ''}")
     print(f"  of which attention:      {fpt['attention']:>18,.0f}")

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tpullm.data.mixture import EPOCH_BITS, document_key, source_of_keys
+from tpullm.data.mixture import EPOCH_BITS, decode_keys, document_key
 
 FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -187,7 +187,7 @@ class PackedToBatch:
             "positions": batch[f"{PACKED}_positions"].astype(np.int32) * valid,
             "loss_mask": valid.astype(np.float32),
             "_documents": keys[valid & (offsets == 0)],
-            "_source_tokens": np.bincount(source_of_keys(keys[valid]), minlength=self.num_sources).astype(np.int64),
+            "_source_tokens": np.bincount(decode_keys(keys[valid])[0], minlength=self.num_sources).astype(np.int64),
         }
         if self.debug:
             out["document_keys"] = np.where(valid, keys, -1)

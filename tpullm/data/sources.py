@@ -14,7 +14,7 @@ Reading never drops anything silently: `Counts` tallies files, documents, bytes,
 missing or non-text field), each with its reason; a glob that matches nothing fails with its name.
 
 The pipeline needs random access (a global shuffle, a per-process share), so text sources are
-held in memory (`TextDocuments`, like the skeleton's corpus); a corpus larger than memory goes
+held in memory (`TextDocuments`); a corpus larger than memory goes
 through `python -m tpullm.data.prepare` into ArrayRecord shards (`TokenShards`), read lazily.
 """
 
@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tpullm.data.corpus import PYTHON_STDLIB, _unit_hash, corpus_files, decode_utf8
+from tpullm.data.corpus import PYTHON_STDLIB, corpus_files, decode_utf8
 
 KINDS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord", "hf")
 MANIFEST = "manifest.json"
@@ -270,6 +270,12 @@ def iter_texts(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- random access
 
+def _unit_hash(name: str) -> float:
+    """A hash of `name` in [0, 1), the same in every process (Python's hash() is salted)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def _unit_hash_indices(key: str, n: int) -> np.ndarray:
     """[n] floats in [0, 1): a hash of (key, i) for i < n, vectorized (splitmix64), the same on
     every machine. Splits millions of pre-tokenized records in milliseconds."""
@@ -296,8 +302,8 @@ class TextDocuments:
         return tokenizer.encode_array(self.texts[i])
 
     def unit_hashes(self) -> np.ndarray:
-        """[n] floats in [0, 1) from each document's name, for the train/val split (the same
-        hash as the skeleton's split, so a document keeps its side)."""
+        """[n] floats in [0, 1) from each document's name, for the train/val split: a document
+        keeps its side when files are added or max_bytes changes."""
         return np.array([_unit_hash(n) for n in self.names], dtype=np.float64)
 
     def describe(self) -> str:
@@ -382,9 +388,10 @@ def open_source(spec: SourceSpec, tokenizer) -> TextDocuments | TokenShards:
 
 
 def split_indices(source, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) document indices of a source: a document is held out when the hash of its
-    name is below val_fraction. If that leaves validation empty while val_fraction > 0 (tiny
-    sources), the last training document moves over, as long as training keeps one."""
+    """(train, val) document indices of a source, the one train/validation split rule: a document
+    is held out when the hash of its name (`unit_hashes`) is below val_fraction. If that leaves
+    validation empty while val_fraction > 0 (tiny sources), the last training document moves
+    over, as long as training keeps one."""
     hashes = source.unit_hashes()
     held_out = hashes < val_fraction
     train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)

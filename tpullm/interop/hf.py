@@ -25,6 +25,7 @@ import numpy as np
 
 from tpullm import models
 from tpullm.config import ModelConfig
+from tpullm.interop.vocab import pad_vocab
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
@@ -300,11 +301,11 @@ def _family(model_type):
     return _FAMILIES[model_type]
 
 
-def config_from_hf(hf_config) -> ModelConfig:
+def config_from_hf(hf_config, vocab_pad_multiple: int = 1) -> ModelConfig:
     """The resolved ModelConfig of an HF config (LlamaConfig, MistralConfig, Qwen2Config, GPT2Config,
-    MixtralConfig)."""
+    MixtralConfig), its tables padded to a multiple of `vocab_pad_multiple` rows (see ModelConfig)."""
     config_fn, _ = _family(getattr(hf_config, "model_type", None))
-    return config_fn(hf_config).resolve()
+    return dataclasses.replace(config_fn(hf_config), vocab_pad_multiple=vocab_pad_multiple).resolve()
 
 
 def _check_structure(cfg: ModelConfig, params: dict) -> None:
@@ -321,20 +322,22 @@ def _check_structure(cfg: ModelConfig, params: dict) -> None:
         raise ValueError("converted params do not match the tpullm Decoder: " + "; ".join(problems))
 
 
-def from_hf(hf_model) -> tuple[ModelConfig, dict]:
+def from_hf(hf_model, vocab_pad_multiple: int = 1) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of an HF causal LM, params a plain dict pytree of float32 jnp arrays.
 
     Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel and
     MixtralForCausalLM (top-2 or more experts per token),
     dispatching on `hf_model.config.model_type`; raises ValueError for other model types and
     for config features the Decoder cannot represent (RoPE scaling, per-layer windows, ...).
+    `vocab_pad_multiple` > 1 pads the embedding and logits tables with zero rows (GPT-2's 50257
+    ids to 50304 with 128, so tensor parallelism can split them); the logits of the real ids stay HF's.
     """
     hf_config = hf_model.config
     model_type = getattr(hf_config, "model_type", None)
     _, weights_fn = _family(model_type)
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(hf_config, vocab_pad_multiple)
     sd = _StateDict(hf_model)
-    params = weights_fn(cfg, sd)
+    params = pad_vocab(cfg, weights_fn(cfg, sd))
     sd.check_all_used(model_type)
     _check_structure(cfg, params)
     return cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -82,7 +82,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None):
-        """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, vocab].
+        """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, padded vocab]
+        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
 
         segment_ids default to one document per row; positions default to 0..length-1.
         """
@@ -99,7 +100,7 @@ class Decoder(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
             return nn.Embed(num, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, embedding_init=init, name=name)
 
-        token_embed = embed_table(cfg.vocab_size, "token_embed", ("vocab", "embed"))
+        token_embed = embed_table(cfg.padded_vocab_size, "token_embed", ("vocab", "embed"))
         # Look up rows of a table whose embed axis is laid out like activations: with FSDP the
         # gather then runs on the sharded table instead of forcing an all-gathered copy first.
         table = nn.with_logical_constraint(token_embed.embedding, ("vocab", "activation_embed"))
@@ -120,9 +121,12 @@ class Decoder(nn.Module):
             logits = token_embed.attend(x)
         else:
             logits = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                cfg.padded_vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
                 name="lm_head")(x)
+        if cfg.padded_vocab_size > cfg.vocab_size:  # padding ids: softmax weight 0, never the argmax
+            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # [padded vocab]
+            logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def pipelined_layers(self, x, segment_ids, positions):

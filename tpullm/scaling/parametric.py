@@ -51,8 +51,8 @@ def objective(theta, log_n, log_d, log_loss, delta=HUBER_DELTA, weights=1.0):
 @functools.cache
 def _lbfgs_fn(delta: float):
     """One jitted L-BFGS run (optax, zoom line search) from theta0 on data passed as arguments,
-    so every start and every bootstrap replicate reuses one compilation (~4 s), after which a run
-    takes ~1-2 ms. Call it under `jax.enable_x64(True)`."""
+    so every start and every bootstrap replicate reuses one compilation (seconds), after which a run
+    takes milliseconds. Call it under `jax.enable_x64(True)`."""
     import jax
     import jax.numpy as jnp
     import optax
