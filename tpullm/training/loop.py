@@ -180,7 +180,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
     log(f"model: {counts['total']:,} params ({counts['non_embedding']:,} without embeddings); "
-        f"{fpt['total'] / 1e6:.1f} MFLOPs/token ({fpt['convention']})")
+        f"{fpt['total'] / 1e6:.1f} MFLOPs/token (6 x matmul params + attention, as PaLM's MFU counts)")
     log(f"mesh: {mesh_lib.describe(setup.mesh)} in {jax.process_count()} process(es)")
     log(setup.layout.text(config.mesh.max_replicated_share))
 
