@@ -49,7 +49,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tpullm.parallel import rules
+from tpullm.parallel.microbatches import merge_microbatches, split_microbatches
+
 STAGE = "activation_stage"
+
+
+def mapped_axes(cfg) -> tuple:
+    """The mesh axes the vmap over stages adds (spmd_axis_name) to the specs of every shard_map a
+    stage runs (ring attention, expert parallelism), which those maps must make manual; none
+    without a pipeline."""
+    return rules.mesh_axes(STAGE) if cfg.pipeline_microbatches else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,17 +143,6 @@ def stage_weights(layers, cfg):
 
 # ---------------------------------------------------------------------------------- the schedule
 
-def split_microbatches(x, m: int):
-    """[batch, ...] -> [m, batch/m, ...]; microbatch i takes rows i, i+m, ..., so every microbatch
-    stays spread over all batch shards (as in gradient accumulation)."""
-    return x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1)
-
-
-def merge_microbatches(x):
-    """Inverse of `split_microbatches`."""
-    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-
-
 def _constrain(tree, axes, *lead):
     """Sharding constraints: each array's names are `lead` then its entry of `axes`."""
     if axes is None:
@@ -186,7 +185,7 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, poli
     stage_ids = jnp.arange(s_count)
     # vmap over stages keeps the layers' own sharding constraints and puts the stage axis on the
     # mesh axis the rules give `activation_stage`.
-    spmd = nn.logical_to_mesh_axes((STAGE,))[0] if logical_axes is not None else None
+    spmd = (rules.mesh_axes(STAGE) or None) if logical_axes is not None else None
     run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
     take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
 
