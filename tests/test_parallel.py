@@ -260,5 +260,40 @@ def test_batch_must_split_over_the_batch_axes():
         rules.check_batch(12, {**MESH8, "data": 8, "tensor": 1})
 
 
+NESTED_LOOPS_HLO = """HloModule m
+
+%inner_body (q: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %q = (s32[], f32[2]) parameter(0)
+  %r = f32[2]{0} all-reduce(%y), channel_id=2, to_apply=%add
+  ROOT %t = (s32[], f32[2]) tuple(%i, %r)
+}
+
+%outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %g = f32[4,8]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %w = (s32[], f32[2]) while(%init), condition=%c2, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %t = (s32[], f32[4,8]) tuple(%i, %g)
+}
+
+ENTRY %main (a: f32[2,8]) -> f32[4,8] {
+  %a = f32[2,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %s = (f32[2,8]{1,0}, bf16[4,8]{1,0}) all-gather-start(%a), channel_id=3, dimensions={0}
+  %d = bf16[4,8]{1,0} all-gather-done(%s)
+  ROOT %o = f32[4,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_every_run_of_the_loops_around_them():
+    from tpullm.parallel import collectives
+
+    t = collectives.executed(NESTED_LOOPS_HLO)
+    # 5 outer iterations of a 4x8 f32 gather, plus one async bf16 gather (its -done not counted again).
+    assert (t["all-gather"].runs, t["all-gather"].bytes) == (6, 5 * 4 * 8 * 4 + 2 * 8 * 4)
+    assert (t["all-reduce"].runs, t["all-reduce"].bytes) == (15, 15 * 2 * 4)  # 5 x 3 inner iterations
+    assert t["collective-permute"].runs == 0
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
