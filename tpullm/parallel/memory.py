@@ -32,7 +32,7 @@ class Estimate:
     grads: int
     optimizer: int
     activations: int
-    gathered_weights: int  # one layer's weights all-gathered over fsdp (forward and backward)
+    gathered_weights: int  # weights all-gathered over fsdp and their gradients: one layer's, or a pipeline stage's
 
     @property
     def total(self) -> int:
@@ -93,8 +93,10 @@ def estimate(m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_le
     grads = params * (2 if grad_accum_steps > 1 else 1)  # the accumulator is one more copy
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params["layers"])) / m.num_layers
     tensor = rules.degree("heads", mesh_shape)  # heads and the MLP hidden dimension
+    # The pipeline gathers its stage's layers once for the whole step (tpullm/models/pipeline.py).
+    layers_gathered = m.num_layers // m.pipeline_stages if m.pipeline_microbatches else 1
     gathered = 0
     if rules.degree("embed", mesh_shape) > 1:  # FSDP
-        gathered = int(2 * layer_params / tensor * np.dtype(m.param_dtype).itemsize)
+        gathered = int(2 * layers_gathered * layer_params / tensor * np.dtype(m.param_dtype).itemsize)
     return Estimate(params, grads, shard_bytes(abstract_state.opt_state),
                     activation_bytes(m, tokens, seq_len, tensor), gathered)
