@@ -241,6 +241,31 @@ def test_train_step_adds_the_weighted_router_losses():
     assert np.isfinite(float(m2["moe_aux_loss"])) and float(m2["tokens"]) == 64
 
 
+def test_router_jitter_draws_from_the_train_seed():
+    """The train step keys the jitter from train.seed and the step: the same seed gives the same
+    step, another seed other noise (so another loss), and jitter 0 ignores the seed."""
+    import optax
+
+    from tpullm.training.state import TrainState
+    from tpullm.training.step import make_train_step
+
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 64, (4, 16)), "targets": rng.integers(0, 64, (4, 16)),
+             "segment_ids": np.ones((4, 16), np.int32), "positions": np.broadcast_to(np.arange(16), (4, 16)),
+             "loss_mask": np.ones((4, 16), np.float32)}
+    opt = optax.sgd(0.0)
+
+    def loss(jitter, seed):
+        model = models.build(dataclasses.replace(CFG, router_jitter=jitter))
+        params = models.init_params(model, jax.random.key(0))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+        return float(jax.jit(make_train_step(model, opt, lambda s: 0.0, seed=seed))(state, batch)[1]["loss"])
+
+    assert loss(0.5, 1) == loss(0.5, 1)
+    assert loss(0.5, 1) != loss(0.5, 2)
+    assert loss(0.0, 1) == loss(0.0, 2)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(num_experts=1), "num_experts=1"),
     (dict(experts_per_token=5), "experts_per_token=5"),

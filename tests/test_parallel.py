@@ -16,7 +16,7 @@ import pytest
 from configs import demo
 from multidevice import grad_rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
-from tpullm.config import ConfigError
+from tpullm.config import ConfigError, ModelConfig
 from tpullm.parallel import guard, mesh as mesh_lib, rules
 from tpullm.training import loop
 
@@ -258,6 +258,64 @@ def test_guard_refuses_names_missing_from_the_table():
 def test_batch_must_split_over_the_batch_axes():
     with pytest.raises(ConfigError, match=r"batch_size=12 .* data=8 x fsdp=1 x expert=1 = 8 shards"):
         rules.check_batch(12, {**MESH8, "data": 8, "tensor": 1})
+
+
+def test_code_outside_the_table_asks_it_for_mesh_axes():
+    """rules.mesh_axes / degree read the table (or the rules in context), so another table moves
+    what ring attention, expert parallelism and the checks use without touching them."""
+    import flax.linen as nn
+
+    from tpullm.models import ring_attention
+
+    assert rules.mesh_axes("activation_batch") == ("data", "fsdp", "expert")
+    assert rules.mesh_axis("layers") == "stage" and rules.mesh_axes("activation_embed") == ()
+    mesh_shape = {"data": 2, "stage": 1, "fsdp": 4, "sequence": 2, "tensor": 1, "expert": 3}
+    assert rules.degree("activation_batch", mesh_shape) == 24 and rules.degree("activation_length", mesh_shape) == 2
+    assert rules.degree("activation_length") == 1  # no mesh in context
+    with pytest.raises(ValueError, match="exactly one"):
+        rules.mesh_axis("activation_batch")
+    with nn.logical_axis_rules((("activation_length", "tensor"),)):
+        assert rules.mesh_axis(ring_attention.LENGTH) == "tensor"
+    table = (("layers", "data"), *rules.LOGICAL_AXIS_RULES)
+    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=4, num_heads=2, mlp_dim=64, pipeline_stages=2,
+                      pipeline_microbatches=2).resolve()
+    with pytest.raises(ConfigError, match="the mesh's data degree is 4 .*--config.mesh.ici.data=2"):
+        rules.check_pipeline(cfg, 16, 1, {**mesh_shape, "data": 4}, table)
+
+
+NESTED_LOOPS_HLO = """HloModule m
+
+%inner_body (q: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %q = (s32[], f32[2]) parameter(0)
+  %r = f32[2]{0} all-reduce(%y), channel_id=2, to_apply=%add
+  ROOT %t = (s32[], f32[2]) tuple(%i, %r)
+}
+
+%outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %g = f32[4,8]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %w = (s32[], f32[2]) while(%init), condition=%c2, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %t = (s32[], f32[4,8]) tuple(%i, %g)
+}
+
+ENTRY %main (a: f32[2,8]) -> f32[4,8] {
+  %a = f32[2,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %s = (f32[2,8]{1,0}, bf16[4,8]{1,0}) all-gather-start(%a), channel_id=3, dimensions={0}
+  %d = bf16[4,8]{1,0} all-gather-done(%s)
+  ROOT %o = f32[4,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_every_run_of_the_loops_around_them():
+    from tpullm.parallel import collectives
+
+    t = collectives.executed(NESTED_LOOPS_HLO)
+    # 5 outer iterations of a 4x8 f32 gather, plus one async bf16 gather (its -done not counted again).
+    assert (t["all-gather"].runs, t["all-gather"].bytes) == (6, 5 * 4 * 8 * 4 + 2 * 8 * 4)
+    assert (t["all-reduce"].runs, t["all-reduce"].bytes) == (15, 15 * 2 * 4)  # 5 x 3 inner iterations
+    assert t["collective-permute"].runs == 0
 
 
 if __name__ == "__main__":

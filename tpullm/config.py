@@ -180,15 +180,16 @@ def _validate_pipeline(m: ModelConfig) -> None:
             raise ConfigError(f"model.pipeline_repeats={r} needs a pipeline: set model.pipeline_microbatches "
                               f"(>= pipeline_stages={s}) or pipeline_repeats=1")
         return
-    if m.num_experts:
-        raise ConfigError(
-            f"model.pipeline_microbatches={mb} with model.num_experts={m.num_experts}: the router losses that MoE "
-            f"layers sow do not flow through the pipeline; set pipeline_microbatches=0 for MoE models")
     if m.num_layers % (s * r):
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by model.pipeline_stages={s} x "
             f"model.pipeline_repeats={r} = {s * r}; each stage holds num_layers / (stages x repeats) layers per "
             f"repeat: change num_layers, pipeline_stages or pipeline_repeats")
+    if m.num_experts and m.moe_every >= 1 and m.num_layers % (s * r * m.moe_every):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by model.pipeline_stages={s} x "
+            f"model.pipeline_repeats={r} x model.moe_every={m.moe_every} = {s * r * m.moe_every}; each stage holds "
+            f"whole groups of moe_every layers (the last with experts): change num_layers or the pipeline")
     if mb < s:
         raise ConfigError(
             f"model.pipeline_microbatches={mb} is smaller than model.pipeline_stages={s}: some stage would always "

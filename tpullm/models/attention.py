@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import ring_attention
+from tpullm.models import pipeline, ring_attention
 from tpullm.models.dot_product import attention_mask, dot_product_attention
 from tpullm.models.mlp import residual_std
 from tpullm.models.rope import apply_rope
@@ -48,7 +48,8 @@ class Attention(nn.Module):
         index = ring_attention.token_index(cfg, x.shape[1])  # [l] each position's place in the row
         if cfg.sequence_attention == "ring":
             out = ring_attention.ring_attention(q, k, v, index, segment_ids, cfg.sliding_window,
-                                               zigzag=ring_attention.load_balanced(cfg))
+                                               zigzag=ring_attention.load_balanced(cfg),
+                                               mapped_axes=pipeline.mapped_axes(cfg))
         else:
             mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
             mask = nn.with_logical_constraint(mask, ("activation_batch", "activation_length", None))  # local queries

@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ConfigError, ModelConfig, moe_group_error
-from tpullm.models import expert_parallel
-from tpullm.models.mlp import residual_std
+from tpullm.models import expert_parallel, pipeline
+from tpullm.models.mlp import activation, residual_std
 
 # Expert-major activations [E, batch, groups, slots, ...]: the expert dimension on the `expert` mesh
 # axis, the rows on the other batch axes (the rules' fallback for activation_batch), so the
@@ -118,16 +118,12 @@ def capacity_masks(experts, gates, weight, num_experts: int, slots: int):
     return dispatch, combine, kept.astype(jnp.float32)
 
 
-def hidden(mlp: str, up, gate):
-    return nn.silu(gate) * up if mlp == "swiglu" else nn.gelu(up, approximate=True)
-
-
 def grouped_mlp(rows, group_sizes, w, mlp: str):
     """rows [R, d] sorted by expert, group_sizes [E] -> [R, d]: each run of rows through
     its expert, as one grouped matmul per weight; rows past sum(group_sizes) give 0."""
     up = jax.lax.ragged_dot(rows, w["up"], group_sizes)  # [R, mlp]
     gate = jax.lax.ragged_dot(rows, w["gate"], group_sizes) if "gate" in w else None
-    return jax.lax.ragged_dot(hidden(mlp, up, gate), w["down"], group_sizes)
+    return jax.lax.ragged_dot(activation(mlp, up, gate), w["down"], group_sizes)
 
 
 class MoeMlp(nn.Module):
@@ -175,7 +171,7 @@ class MoeMlp(nn.Module):
                 y = dropless(x.reshape(b * l, d), gates, experts, w, expert_mlp).reshape(b, l, d)
             else:
                 y = expert_parallel.dropless(x, gates.reshape(b, l, k), experts.reshape(b, l, k), w, num_experts,
-                                             spec, expert_mlp)
+                                             spec, expert_mlp, pipeline.mapped_axes(cfg))
             dropped = jnp.zeros((), jnp.float32)
 
         self.sow("intermediates", "aux_loss", aux)
@@ -200,7 +196,7 @@ class MoeMlp(nn.Module):
             jnp.einsum("bngec,bngd->ebncd", dispatch, x.reshape(b, n, g, d)), EXPERT_ACTIVATION)  # [E, b, n, C, d]
         up = jnp.einsum("ebncd,edf->ebncf", expert_in, w["up"])
         gate = jnp.einsum("ebncd,edf->ebncf", expert_in, w["gate"]) if "gate" in w else None
-        h = nn.with_logical_constraint(hidden(cfg.mlp, up, gate), EXPERT_HIDDEN)  # [E, b, n, C, mlp]
+        h = nn.with_logical_constraint(activation(cfg.mlp, up, gate), EXPERT_HIDDEN)  # [E, b, n, C, mlp]
         expert_out = nn.with_logical_constraint(jnp.einsum("ebncf,efd->ebncd", h, w["down"]), EXPERT_ACTIVATION)
         y = jnp.einsum("ebncd,bngec->bngd", expert_out, combine).reshape(b, l, d)
         weight = weight.reshape(b * l)

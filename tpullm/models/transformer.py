@@ -55,7 +55,7 @@ class BlockGroup(nn.Module):
 
 
 def scan_body(cfg: ModelConfig):
-    """(module class, its extra kwargs, scan length). Dense: one DecoderBlock per step, as before."""
+    """(module class, its extra kwargs, scan length). Dense: one DecoderBlock per step."""
     if not cfg.num_experts:
         return DecoderBlock, {}, cfg.num_layers
     if cfg.moe_every == 1:
@@ -130,21 +130,27 @@ class Decoder(nn.Module):
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def pipelined_layers(self, x, segment_ids, positions):
-        """The layer stack over the mesh's `stage` axis (tpullm/models/pipeline.py).
+        """The layer stack over the mesh's stage axis (tpullm/models/pipeline.py).
 
         The weights are created by the unpipelined stack (same values for the same seed) and stored
         in the pipeline's layout; a batch that does not split into the microbatches (sampling one
-        sequence) runs that stack in layer order instead.
+        sequence) runs that stack in layer order instead. The router rng and the sown intermediates
+        pass through the schedule: each microbatch's layers draw their own keys, and the layers'
+        sown values land in `intermediates/layers` one per layer, as the unpipelined stack sows them.
         """
         cfg = self.config
         stack, kwargs, length = layer_stack(cfg)
-        layers = nn.map_variables(
-            stack, "params", trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
-            trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
         if self.is_initializing() or x.shape[0] % cfg.pipeline_microbatches:
+            layers = nn.map_variables(
+                stack, "params", trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
+                trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
             return layers(x, segment_ids, positions)[0]
         # Remat wraps a stage's whole group of layers (per iteration), not each layer.
         group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
         policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
-        return pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]), x,
-                                   segment_ids, positions, cfg, ACTIVATION, policy)
+        router_key = self.make_rng("router") if cfg.router_jitter and self.has_rng("router") else None
+        x, sown = pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]),
+                                      x, segment_ids, positions, cfg, ACTIVATION, policy, router_key)
+        if sown and self.is_mutable_collection("intermediates"):
+            self.put_variable("intermediates", "layers", sown)
+        return x

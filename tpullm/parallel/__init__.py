@@ -6,4 +6,6 @@
     distributed.py  jax.distributed.initialize from flags / environment / TPU VM; batch rows per process
     topology.py     TPU pod topologies by Cloud name (v5p-128), as compile-only devices (libtpu)
     memory.py       an analytic estimate of a train step's bytes per device
+    microbatches.py the one split of a batch into microbatches (accumulation, pipeline)
+    collectives.py  each collective's runs and bytes per step, from a compiled program's HLO
 """

@@ -90,7 +90,7 @@ def jit_train_step(setup: Setup, config):
     the state donated. Trace it (call, or `.lower`) under `jax.set_mesh(setup.mesh)` and the rules."""
     return jax.jit(
         make_train_step(setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss,
-                        config.train.grad_accum_steps),
+                        config.train.grad_accum_steps, config.train.seed),
         in_shardings=(setup.state_shardings, rules.batch_sharding(setup.mesh)),
         out_shardings=(setup.state_shardings, None), donate_argnums=0)
 

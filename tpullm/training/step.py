@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tpullm.parallel.microbatches import split_microbatches
 from tpullm.training.loss import cross_entropy_sums, finalize, moe_sums, moe_metrics
 from tpullm.training.state import TrainState
 
@@ -36,8 +37,11 @@ def _train_sums(model, params, batch, z_loss, rng):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, seed: int = 0):
     """Returns train_step(state, batch) -> (state, metrics).
+
+    seed (train.seed) keys the router jitter of MoE models: step s, microbatch i draws from
+    fold_in(fold_in(key(seed), s), i), so a resumed run draws the same noise.
 
     Each microbatch contributes the gradient of its summed token loss divided by the token count
     of the *whole* batch (known before the first microbatch runs), so accumulating k microbatches
@@ -53,14 +57,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_
 
     def train_step(state: TrainState, batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        # Router jitter noise (MoE only): a fresh key each step, derived from the step so a resumed
-        # run draws the same noise.
-        rng = jax.random.fold_in(jax.random.key(0), state.step)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)  # router jitter (MoE only)
         if grad_accum_steps == 1:
             grads, (sums, moe) = grad_of_sums(state.params, batch, n_tokens, rng)
         else:
-            # Microbatch i takes rows i, i+k, i+2k, ...: each stays spread over all batch shards.
-            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum_steps), batch)
 
             def accumulate(carry, xs):
                 microbatch, i = xs
