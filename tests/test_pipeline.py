@@ -158,13 +158,14 @@ def _moe_worker():
             "all_to_all": hlo.count(" all-to-all(") + hlo.count(" all-to-all-start(")}
 
 
-def _gathers_per_step(microbatches: int) -> dict:
+def _gathers_per_step(microbatches: int, once: bool) -> dict:
     """The compiled train step on stage=2 x fsdp=2 x data=2: all-gathers it runs per step (the HLO's
     all-gathers times the trip counts of the loops around them) and their bytes per device."""
     from tpullm.aot import compile_step
     from tpullm.parallel import collectives
 
-    config = pipe_config({"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=microbatches))
+    config = pipe_config({"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=microbatches,
+                                                       pipeline_gather_once=once))
     config.train.batch_size = 16
     compiled, _, _ = compile_step(config, None)
     gathers = collectives.executed(compiled.as_text())["all-gather"]
@@ -175,7 +176,8 @@ def _worker(out_path, which):
     """Runs in a subprocess with 8 simulated devices."""
     assert jax.device_count() == 8, jax.devices()
     if which in ("moe", "fsdp"):
-        result = _moe_worker() if which == "moe" else {m: _gathers_per_step(m) for m in (2, 4)}
+        result = _moe_worker() if which == "moe" else {f"{once},{m}": _gathers_per_step(m, once)
+                                                        for once in (True, False) for m in (2, 4)}
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
         return
@@ -259,10 +261,12 @@ def test_mixtral_tiny_pipelined_over_experts_matches_one_device(tmp_path_factory
 
 def test_fsdp_weights_are_gathered_once_per_step(tmp_path_factory):
     """With FSDP the stages' weights are all-gathered before the schedule, not at each of its
-    M + S - 1 iterations: 2 and 4 microbatches (3 and 5 iterations) run the same all-gathers."""
+    M + S - 1 iterations: 2 and 4 microbatches (3 and 5 iterations) run the same all-gathers.
+    With pipeline_gather_once=False they are gathered at every iteration, so 4 microbatches gather more."""
     r = _results(tmp_path_factory, "fsdp")
-    assert r["2"]["bytes"] > 0, r
-    assert r["2"] == r["4"], r
+    assert r["True,2"]["bytes"] > 0, r
+    assert r["True,2"] == r["True,4"], r
+    assert r["False,4"]["bytes"] > r["False,2"]["bytes"] > r["True,2"]["bytes"], r
 
 
 # ---------------------------------------------------------------- in-process: nothing needs 8 devices

@@ -97,6 +97,10 @@ class ModelConfig:
     pipeline_stages: int = 1
     pipeline_microbatches: int = 0
     pipeline_repeats: int = 1
+    # With FSDP, all-gather each stage's weights once per step, before the schedule (True), or at
+    # every schedule iteration (False): once moves less but holds a stage's weights and gradients
+    # whole over fsdp for the step.
+    pipeline_gather_once: bool = True
 
     @property
     def padded_vocab_size(self) -> int:

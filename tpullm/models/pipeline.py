@@ -11,8 +11,9 @@ device group s holds slot s. One iteration:
      brings the last stage's output, a finished lap, to stage 0,
   4. stage 0 writes it back to the microbatch buffer (the output, or the next lap's input).
 The shift is the only communication per iteration (see `gpipe` for where the buffer lives).
-With FSDP the stages' weights are constrained whole over the FSDP axes before the schedule
-(`gathered_over_fsdp`), so XLA gathers them once per step rather than at every iteration (each
+With FSDP and `pipeline_gather_once` the stages' weights are constrained whole over the FSDP axes
+before the schedule (`gathered_over_fsdp`), so XLA gathers them once per step rather than at every
+iteration, at the memory cost of a stage's weights and gradients whole over FSDP (each
 iteration's weight gradients are still summed over the batch axes inside the loop: XLA does not
 move that reduction out of it).
 
@@ -301,6 +302,8 @@ def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_
 
     inputs = tuple(split_microbatches(a, m) for a in (x, segment_ids, positions))
     axes = (activation_axes, activation_axes[:2], activation_axes[:2])
-    weights = gathered_over_fsdp(stage_weights(layers, cfg), stage_module, tuple(a[0] for a in inputs))
+    weights = stage_weights(layers, cfg)
+    if cfg.pipeline_gather_once:
+        weights = gathered_over_fsdp(weights, stage_module, tuple(a[0] for a in inputs))
     (out, _, _), (tokens, sown) = gpipe(stage_fn, weights, inputs, schedule, axes, policy)
     return merge_microbatches(out), per_layer(sown, tokens.astype(jnp.float32), schedule)

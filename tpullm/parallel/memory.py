@@ -94,7 +94,7 @@ def estimate(m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_le
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params["layers"])) / m.num_layers
     tensor = rules.degree("heads", mesh_shape)  # heads and the MLP hidden dimension
     # The pipeline gathers its stage's layers once for the whole step (tpullm/models/pipeline.py).
-    layers_gathered = m.num_layers // m.pipeline_stages if m.pipeline_microbatches else 1
+    layers_gathered = m.num_layers // m.pipeline_stages if m.pipeline_microbatches and m.pipeline_gather_once else 1
     gathered = 0
     if rules.degree("embed", mesh_shape) > 1:  # FSDP
         gathered = int(2 * layers_gathered * layer_params / tensor * np.dtype(m.param_dtype).itemsize)
