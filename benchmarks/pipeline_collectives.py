@@ -13,9 +13,8 @@ the iterations.
 
 import os
 
-import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
-
 import jax  # noqa: E402
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -48,15 +47,19 @@ def main(argv):
     base.model.num_layers = _LAYERS.value
     base.train.batch_size = _BATCH.value
     base.data.seq_len = _SEQ.value
-    print(f"{jax.device_count()} simulated devices, stage={STAGES} x fsdp=2 x data=2; {_LAYERS.value} layers, batch "
-          f"{_BATCH.value} x {_SEQ.value}; per device per step: runs / MiB\n")
+    print(
+        f"{jax.device_count()} simulated devices, stage={STAGES} x fsdp=2 x data=2; {_LAYERS.value} layers, batch "
+        f"{_BATCH.value} x {_SEQ.value}; per device per step: runs / MiB\n"
+    )
     kinds = [k for k in collectives.KINDS if k != "all-to-all"]
     print(f"{'micro':>5} {'repeats':>7} {'iterations':>10} " + " ".join(f"{k:>24}" for k in kinds))
     for microbatches, repeats in ROWS:
         t = measure(base, microbatches, repeats)
         cells = " ".join(f"{t[k].runs:>12} / {t[k].bytes / 2**20:>9.2f}" for k in kinds)
-        print(f"{microbatches:>5} {repeats:>7} {Schedule(STAGES, microbatches, repeats).iterations:>10} {cells}",
-              flush=True)
+        print(
+            f"{microbatches:>5} {repeats:>7} {Schedule(STAGES, microbatches, repeats).iterations:>10} {cells}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,16 @@ def llama_recipe(c, seq_len: int = 4096, tokens_per_batch: int = 4 * 1024 * 1024
     c.train.batch_size = tokens_per_batch // seq_len
     c.train.steps = int(total_tokens // tokens_per_batch)
     c.train.update(log_every=100, eval_every=1000, checkpoint_every=2000)
-    c.optimizer.update(learning_rate=3e-4, warmup_steps=2000, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-5,
-                       weight_decay=0.1, grad_clip=1.0)
+    c.optimizer.update(
+        learning_rate=3e-4,
+        warmup_steps=2000,
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-5,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    )
     c.model.update(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full")
     return c
 
@@ -33,8 +41,9 @@ def smoke(c, **shape):
     of 8 rows (logged every 10, evaluated at the end, saved at 15 and 30) and a 20-token sample."""
     c = tiny(c, **shape)
     c.data.update(seq_len=64, max_bytes=1_000_000)
-    c.train.update(steps=30, batch_size=8, log_every=10, eval_every=30, eval_batches=2, checkpoint_every=15,
-                   sample_tokens=20)
+    c.train.update(
+        steps=30, batch_size=8, log_every=10, eval_every=30, eval_batches=2, checkpoint_every=15, sample_tokens=20
+    )
     c.optimizer.warmup_steps = 5
     return c
 

@@ -23,9 +23,21 @@ SHAPES = {  # variant -> (layers, width, FFN, heads)
 
 def get_config(arg=None):
     c = default_config()
-    c.model.update(vocab_size=256000, mlp="swiglu", norm="rmsnorm", positions="rope", max_length=1024,
-                   tie_embeddings=False, num_experts=64, experts_per_token=2, moe_every=2,
-                   moe_dispatch="capacity", capacity_factor=1.25, router_aux_loss=0.01, router_z_loss=0.001)
+    c.model.update(
+        vocab_size=256000,
+        mlp="swiglu",
+        norm="rmsnorm",
+        positions="rope",
+        max_length=1024,
+        tie_embeddings=False,
+        num_experts=64,
+        experts_per_token=2,
+        moe_every=2,
+        moe_dispatch="capacity",
+        capacity_factor=1.25,
+        router_aux_loss=0.01,
+        router_z_loss=0.001,
+    )
     c = common.llama_recipe(c, seq_len=1024, tokens_per_batch=1024 * 1024, total_tokens=600e9)
     if arg == "tiny":  # 8 experts
         return common.tiny(c, embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=256, num_experts=8)

@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tpullm.data import (ByteTokenizer, PackedRows, load_tokenizer, pack_documents, python_stdlib_files,
-                         unigram_entropy)
+from tpullm.data import ByteTokenizer, PackedRows, load_tokenizer, pack_documents, python_stdlib_files, unigram_entropy
 from tpullm.data.sources import Counts, SourceSpec, TextDocuments, iter_texts, open_source, parse_spec, split_indices
 from tpullm.data.synthetic import random_packed_batch
 
@@ -14,6 +13,7 @@ EOS = 2
 
 
 # --- tokenizer ---------------------------------------------------------------------------
+
 
 def test_byte_tokenizer_round_trip_non_ascii():
     tok = load_tokenizer("bytes")
@@ -41,6 +41,7 @@ def test_load_tokenizer_unknown_name():
 
 
 # --- corpus -------------------------------------------------------------------------------
+
 
 def _write(tmp_path, name, data: bytes):
     path = tmp_path / name
@@ -124,6 +125,7 @@ def test_split_indices_never_leaves_val_empty():
 
 # --- packing ------------------------------------------------------------------------------
 
+
 def test_pack_documents_layout():
     docs = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [30]]
     rows = pack_documents(docs, seq_len=4, eos_id=EOS)
@@ -170,6 +172,7 @@ def test_pack_documents_exact_fit_has_no_padding():
 
 # --- baseline -----------------------------------------------------------------------------
 
+
 def test_unigram_entropy_uniform_is_log_k():
     k = 37
     docs = [list(range(3, 3 + k)), list(range(3 + k - 1, 2, -1))]
@@ -177,10 +180,12 @@ def test_unigram_entropy_uniform_is_log_k():
     assert unigram_entropy([[5, 5, 5]]) == pytest.approx(0.0)
     # With eos: K symbols once each plus one eos per document, here K+1 equally likely symbols.
     assert unigram_entropy([list(range(3, 3 + k - 1)), [3 + k - 1]], eos_id=EOS) == pytest.approx(
-        -(k / (k + 2)) * math.log(1 / (k + 2)) - (2 / (k + 2)) * math.log(2 / (k + 2)))
+        -(k / (k + 2)) * math.log(1 / (k + 2)) - (2 / (k + 2)) * math.log(2 / (k + 2))
+    )
 
 
 # --- random packed batches ----------------------------------------------------------------------
+
 
 def test_random_packed_batch_is_a_packed_training_batch():
     batch = random_packed_batch(6, 32, vocab=50, seed=3)

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from multidevice import rel, results_on_devices
-from tpullm import config as config_lib, models
+
+from tpullm import config as config_lib
+from tpullm import models
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.inference.sampling import generate, sample
 from tpullm.interop import pad_vocab, unpad_vocab
@@ -21,9 +22,20 @@ from tpullm.training.flops import param_counts
 from tpullm.training.loss import cross_entropy
 
 GPT2_VOCAB = 50257
-TINY_GPT2 = dict(vocab_size=GPT2_VOCAB, embed_dim=32, num_layers=2, num_heads=2, mlp_dim=64, mlp="gelu",
-                 norm="layernorm", norm_bias=True, positions="learned", max_length=64, qkv_bias=True,
-                 dense_bias=True)
+TINY_GPT2 = dict(
+    vocab_size=GPT2_VOCAB,
+    embed_dim=32,
+    num_layers=2,
+    num_heads=2,
+    mlp_dim=64,
+    mlp="gelu",
+    norm="layernorm",
+    norm_bias=True,
+    positions="learned",
+    max_length=64,
+    qkv_bias=True,
+    dense_bias=True,
+)
 
 
 def tiny_gpt2(multiple: int = 1, tie: bool = True) -> ModelConfig:
@@ -72,8 +84,9 @@ def test_padded_model_computes_the_unpadded_logits_and_loss(models_and_params):
     assert float(loss) == pytest.approx(float(loss_ref), rel=1e-6)
     assert float(aux["accuracy"]) == float(aux_ref["accuracy"])
     assert unpad_vocab(padded_cfg, padded).keys() == params.keys()
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(unpad_vocab(padded_cfg, padded)),
-                            jax.tree.leaves(params)):
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(unpad_vocab(padded_cfg, padded)), jax.tree.leaves(params)
+    ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
@@ -94,8 +107,7 @@ def test_padding_ids_are_never_chosen(models_and_params):
     assert int(jnp.argmax(logits, axis=-1).max()) < GPT2_VOCAB
     assert int(sample(None, logits, temperature=0).max()) < GPT2_VOCAB
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (5.0, 0, 1.0), (2.0, 50300, 1.0), (2.0, 0, 0.999)):
-        ids = jax.vmap(lambda k: sample(k, logits, temperature, top_k, top_p))(
-            jax.random.split(jax.random.key(0), 64))
+        ids = jax.vmap(lambda k: sample(k, logits, temperature, top_k, top_p))(jax.random.split(jax.random.key(0), 64))
         assert int(ids.max()) < GPT2_VOCAB
     new = generate(models.build(padded_cfg), lure, [5, 6, 7], 8, jax.random.key(1), context=16, temperature=3.0)
     assert len(new) == 8 and max(new) < GPT2_VOCAB
@@ -111,6 +123,7 @@ def test_param_counts_name_the_padding(models_and_params):
 
 
 # --- tensor=2 on 8 simulated devices --------------------------------------------------------------
+
 
 def tensor_config(multiple: int):
     c = config_lib.default_config()
@@ -144,19 +157,23 @@ def _worker(out_path):
         state = setup.init_state(jax.random.key(0))
         table = state.params["token_embed"]["embedding"]
         sharding = rules.batch_sharding(setup.mesh)
-        forward = jax.jit(lambda p, t: setup.model.apply({"params": p}, t),
-                          in_shardings=(setup.state_shardings.params, sharding))
+        forward = jax.jit(
+            lambda p, t: setup.model.apply({"params": p}, t), in_shardings=(setup.state_shardings.params, sharding)
+        )
         logits = forward(state.params, jax.device_put(tokens, sharding))
         loss = float(cross_entropy(logits, targets, mask)[0])
     params = jax.device_get(state.params)
     logits_ref = models.build(model_cfg).apply({"params": params}, tokens)
     results["padded"] = {
         "spec": [list(a) if isinstance(a, tuple) else a for a in table_sharding.spec],
-        "table_shape": list(table.shape), "rows_per_device": table.addressable_shards[0].data.shape[0],
+        "table_shape": list(table.shape),
+        "rows_per_device": table.addressable_shards[0].data.shape[0],
         "logits_rel": rel(jax.device_get(logits)[..., :GPT2_VOCAB], logits_ref[..., :GPT2_VOCAB]),
         "padding_logits_masked": bool((jax.device_get(logits)[..., GPT2_VOCAB:] == np.finfo(np.float32).min).all()),
-        "loss": loss, "loss_ref": float(cross_entropy(logits_ref, targets, mask)[0]),
-        "argmax_max": int(jnp.argmax(jax.device_get(logits), -1).max())}
+        "loss": loss,
+        "loss_ref": float(cross_entropy(logits_ref, targets, mask)[0]),
+        "argmax_max": int(jnp.argmax(jax.device_get(logits), -1).max()),
+    }
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

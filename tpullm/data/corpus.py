@@ -46,7 +46,8 @@ def corpus_files(corpus: str) -> list[tuple[str, Path]]:
         raise FileNotFoundError(
             f"data.corpus={corpus!r} matches no files; set it to {PYTHON_STDLIB!r} or to a glob of text "
             f"files such as 'data/**/*.txt' (use ** for subfolders, and check the working directory "
-            f"{os.getcwd()} for relative globs)")
+            f"{os.getcwd()} for relative globs)"
+        )
     return [(p, Path(p)) for p in paths]
 
 

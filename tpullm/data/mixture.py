@@ -71,8 +71,10 @@ class Accounting:
 
     def summary(self) -> str:
         shares, epochs = self.token_shares(), self.epochs()
-        return "; ".join(f"{n}: {shares[n]:.1%} of tokens (weight {w:.1%}), {epochs[n]:.3f} epochs"
-                         for n, w in zip(self.names, self.weights))
+        return "; ".join(
+            f"{n}: {shares[n]:.1%} of tokens (weight {w:.1%}), {epochs[n]:.3f} epochs"
+            for n, w in zip(self.names, self.weights)
+        )
 
     def state(self) -> dict:
         return {"documents": self.documents.tolist(), "tokens": self.tokens.tolist()}

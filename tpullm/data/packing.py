@@ -57,8 +57,7 @@ class PackedRows:
         return {f: getattr(self, f)[rows] for f in FIELDS}
 
 
-def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int,
-                   pad_id: int = 0) -> PackedRows:
+def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0) -> PackedRows:
     """Packs documents (token ids without specials) into rows of seq_len; see the module doc."""
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
@@ -95,8 +94,13 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: i
     cols = np.arange(seq_len, dtype=np.int32)
     seg_start = np.maximum.accumulate(np.where(new_segment, cols, 0).astype(np.int32), axis=1)
     positions = (cols - seg_start) * valid
-    return PackedRows(tokens=tokens, targets=targets, segment_ids=segment_ids,
-                      positions=positions.astype(np.int32), loss_mask=valid.astype(np.float32))
+    return PackedRows(
+        tokens=tokens,
+        targets=targets,
+        segment_ids=segment_ids,
+        positions=positions.astype(np.int32),
+        loss_mask=valid.astype(np.float32),
+    )
 
 
 def unigram_entropy(token_lists: Sequence[Sequence[int]], eos_id: int | None = None) -> float:

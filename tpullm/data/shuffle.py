@@ -69,7 +69,6 @@ class RowShuffleIterDataset(grain.IterDataset):
 
 
 class _RowShuffleIterator(grain.DatasetIterator):
-
     def __init__(self, parent: grain.DatasetIterator, window: int, seed: int):
         super().__init__(parent)
         self._window, self._seed = window, seed
@@ -110,4 +109,4 @@ class _RowShuffleIterator(grain.DatasetIterator):
         self._index = state["window"]
         self._fill()
         self._pos = min(state["position"], len(self._rows))
-        self._rows[:self._pos] = [None] * self._pos
+        self._rows[: self._pos] = [None] * self._pos

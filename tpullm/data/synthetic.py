@@ -8,8 +8,9 @@ import numpy as np
 from tpullm.data.packing import pack_documents
 
 
-def random_packed_batch(batch: int, length: int, vocab: int, seed: int = 0,
-                        uneven_loss_mask: bool = False) -> dict[str, np.ndarray]:
+def random_packed_batch(
+    batch: int, length: int, vocab: int, seed: int = 0, uneven_loss_mask: bool = False
+) -> dict[str, np.ndarray]:
     """Random documents packed into exactly `batch` rows of `length`: the FIELDS of a training batch,
     each [batch, length] (tokens, targets, segment_ids, positions int32; loss_mask float32).
 

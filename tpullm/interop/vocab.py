@@ -30,8 +30,9 @@ def pad_vocab(cfg: ModelConfig, params: dict) -> dict:
 
     def pad(table, axis):
         if table.shape[axis] != cfg.vocab_size:
-            raise ValueError(f"a vocab table of shape {table.shape} does not have vocab_size={cfg.vocab_size} "
-                             f"rows on axis {axis}")
+            raise ValueError(
+                f"a vocab table of shape {table.shape} does not have vocab_size={cfg.vocab_size} rows on axis {axis}"
+            )
         widths = [(0, 0)] * table.ndim
         widths[axis] = (0, extra)
         return np.pad(np.asarray(table), widths)
@@ -45,8 +46,10 @@ def unpad_vocab(cfg: ModelConfig, params: dict) -> dict:
 
     def cut(table, axis):
         if table.shape[axis] != cfg.padded_vocab_size:
-            raise ValueError(f"a vocab table of shape {table.shape} does not have padded_vocab_size="
-                             f"{cfg.padded_vocab_size} rows on axis {axis}")
+            raise ValueError(
+                f"a vocab table of shape {table.shape} does not have padded_vocab_size="
+                f"{cfg.padded_vocab_size} rows on axis {axis}"
+            )
         return table[(slice(None),) * axis + (slice(0, cfg.vocab_size),)]
 
     return _map_tables(params, cut)

@@ -72,12 +72,14 @@ def dropless(x, gates, experts, w, num_experts: int, spec: PartitionSpec, expert
         raise ConfigError(
             f"model.num_experts={num_experts} does not split over the mesh's {axis} degree {n} "
             f"({num_experts} % {n} = {num_experts % n}): expert parallelism puts num_experts / expert experts on "
-            f"each device; make model.num_experts a multiple of {n} or change mesh.ici.{axis}")
+            f"each device; make model.num_experts a multiple of {n} or change mesh.ici.{axis}"
+        )
     manual = frozenset((*(a for entry in spec for a in rules.axes_of(entry)), *mapped_axes))
     body = functools.partial(_exchange, num_experts=num_experts, n=n, axis=axis, expert_mlp=expert_mlp)
     weights = {name: PartitionSpec(axis) for name in w}  # experts split; the rest gathered or auto
     return jax.shard_map(body, in_specs=(spec, spec, spec, weights), out_specs=spec, axis_names=manual)(
-        x, gates, experts, w)
+        x, gates, experts, w
+    )
 
 
 def _exchange(x, gates, experts, w, *, num_experts: int, n: int, axis: str, expert_mlp):

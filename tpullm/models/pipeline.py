@@ -100,11 +100,14 @@ class Schedule:
     def table(self):
         """[iterations, stages] of (lap, microbatch) per slot, None in the bubble: for reading."""
         n = self.microbatches * self.repeats
-        return [[divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None
-                 for s in range(self.stages)] for t in range(self.iterations)]
+        return [
+            [divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None for s in range(self.stages)]
+            for t in range(self.iterations)
+        ]
 
 
 # ---------------------------------------------------------------------------------- parameter layout
+
 
 def _boxed_reshape(leaf, shape_fn, names_fn):
     """Reshapes an array or a logically partitioned box (whose axis names change with it)."""
@@ -135,8 +138,12 @@ def from_natural_layers(params, cfg):
     r, s, k = _groups(cfg)
     if r == 1:
         return params
-    return _map_layers(params, lambda leaf: _boxed_reshape(
-        leaf, lambda shape: (r, s, k, *shape[1:]), lambda names: (None, names[0], None, *names[1:])))
+    return _map_layers(
+        params,
+        lambda leaf: _boxed_reshape(
+            leaf, lambda shape: (r, s, k, *shape[1:]), lambda names: (None, names[0], None, *names[1:])
+        ),
+    )
 
 
 def to_natural_layers(params, cfg):
@@ -144,8 +151,12 @@ def to_natural_layers(params, cfg):
     r, _, _ = _groups(cfg)
     if r == 1:
         return params
-    return _map_layers(params, lambda leaf: _boxed_reshape(
-        leaf, lambda shape: (shape[0] * shape[1] * shape[2], *shape[3:]), lambda names: (names[1], *names[3:])))
+    return _map_layers(
+        params,
+        lambda leaf: _boxed_reshape(
+            leaf, lambda shape: (shape[0] * shape[1] * shape[2], *shape[3:]), lambda names: (names[1], *names[3:])
+        ),
+    )
 
 
 def stage_weights(layers, cfg):
@@ -158,6 +169,7 @@ def stage_weights(layers, cfg):
 
 # ---------------------------------------------------------------------------------- the schedule
 
+
 def _constrain(tree, axes, *lead):
     """Sharding constraints: each array's names are `lead` then its entry of `axes`."""
     if axes is None:
@@ -167,8 +179,20 @@ def _constrain(tree, axes, *lead):
 
 
 # Ops that only move or view data: redone in the backward pass instead of kept.
-_VIEWS = frozenset({"gather", "dynamic_slice", "slice", "reshape", "transpose", "squeeze", "expand_dims",
-                    "broadcast_in_dim", "convert_element_type", "copy"})
+_VIEWS = frozenset(
+    {
+        "gather",
+        "dynamic_slice",
+        "slice",
+        "reshape",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "broadcast_in_dim",
+        "convert_element_type",
+        "copy",
+    }
+)
 
 
 def keep_all_but_views(prim, *_, **__) -> bool:

@@ -101,6 +101,7 @@ def ring_attention(q, k, v, index, segment_ids, window: int = 0, zigzag: bool = 
 
 # ------------------------------------------------------------------ the ring, inside shard_map
 
+
 def _rotate(blocks, n: int):
     """Every device passes `blocks` to the next one round the ring."""
     axis = rules.mesh_axis(LENGTH)
@@ -178,8 +179,16 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
     qg, dog = group_heads(q, kv_heads), group_heads(dout, kv_heads)  # [b, l, kv, g, d]
     # D_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax's correction term.
     delta = jnp.einsum("bqngd,bqngd->bngq", dog.astype(jnp.float32), group_heads(out, kv_heads).astype(jnp.float32))
-    q_tiles = list(zip(_tiles(qg, chunks), _tiles(dog, chunks), _tiles(lse, chunks, 3), _tiles(delta, chunks, 3),
-                       _tiles(index, chunks, 0), _tiles(segment, chunks)))
+    q_tiles = list(
+        zip(
+            _tiles(qg, chunks),
+            _tiles(dog, chunks),
+            _tiles(lse, chunks, 3),
+            _tiles(delta, chunks, 3),
+            _tiles(index, chunks, 0),
+            _tiles(segment, chunks),
+        )
+    )
     scale = 1 / jnp.sqrt(q.shape[-1])
 
     def update(q_t, do_t, lse_t, delta_t, q_index, q_segment, k_t, v_t, k_index, k_segment, grads):
@@ -198,15 +207,23 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
         dk, dv = list(dk), list(dv)
         for i, (q_t, do_t, lse_t, delta_t, q_index, q_segment) in enumerate(q_tiles):
             for j, (k_t, v_t, k_index, k_segment) in enumerate(zip(*blocks)):
-                tile = functools.partial(update, q_t, do_t, lse_t, delta_t, q_index, q_segment,
-                                         k_t, v_t, k_index, k_segment)
-                dq[i], dk[j], dv[j] = lax.cond(_any_visible(q_index, k_index, window), tile, lambda g: g,
-                                               (dq[i], dk[j], dv[j]))
+                tile = functools.partial(
+                    update, q_t, do_t, lse_t, delta_t, q_index, q_segment, k_t, v_t, k_index, k_segment
+                )
+                dq[i], dk[j], dv[j] = lax.cond(
+                    _any_visible(q_index, k_index, window), tile, lambda g: g, (dq[i], dk[j], dv[j])
+                )
         return tuple(dq), (*blocks, tuple(dk), tuple(dv))
 
     zeros = lambda x: tuple(jnp.zeros(t.shape, jnp.float32) for t in _tiles(x, chunks))  # noqa: E731
-    travelling = (_tiles(k, chunks), _tiles(v, chunks), _tiles(index, chunks, 0), _tiles(segment, chunks),
-                  zeros(k), zeros(v))
+    travelling = (
+        _tiles(k, chunks),
+        _tiles(v, chunks),
+        _tiles(index, chunks, 0),
+        _tiles(segment, chunks),
+        zeros(k),
+        zeros(v),
+    )
     dq, travelling = _around_ring(step, zeros(qg), travelling, n)
     dk, dv = _rotate(travelling[-2:], n)  # one more step brings each block's gradients home
     dq, dk, dv = (jnp.concatenate(t, axis=1) for t in (dq, dk, dv))
@@ -214,6 +231,7 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
 
 
 # ------------------------------------------------------------------ the differentiable op
+
 
 def _specs():
     """(row, index, logsumexp) specs: [batch, length, ...], [length] and [batch, kv_heads, group,
@@ -226,8 +244,13 @@ def _sharded(fn, in_specs, out_specs, window, chunks, manual):
     n = sequence_degree()
     # check_vma=False: the loop carries start equal on every device and become per-device; the
     # op's derivative is the custom_vjp below, never shard_map's own transpose.
-    return jax.shard_map(functools.partial(fn, window=window, n=n, chunks=chunks), in_specs=in_specs,
-                         out_specs=out_specs, axis_names=set(manual), check_vma=False)
+    return jax.shard_map(
+        functools.partial(fn, window=window, n=n, chunks=chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        axis_names=set(manual),
+        check_vma=False,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -245,8 +268,9 @@ def _ring_fwd(q, k, v, index, segment_ids, window, chunks, manual):
 def _ring_bwd(window, chunks, manual, residuals, dout):
     q, k, v, out, lse, index, segment_ids = residuals
     row, idx, lse_spec = _specs()
-    backward = _sharded(_backward_shard, (row, row, row, row, lse_spec, row, idx, row), (row, row, row), window,
-                        chunks, manual)
+    backward = _sharded(
+        _backward_shard, (row, row, row, row, lse_spec, row, idx, row), (row, row, row), window, chunks, manual
+    )
     dq, dk, dv = backward(q, k, v, out, lse, dout, index, segment_ids)
     return dq, dk, dv, None, None
 

@@ -18,13 +18,30 @@ import re
 import numpy as np
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
 _OP = re.compile(rf"= (.+?) ({'|'.join(KINDS)})(?:-start)?\(")
 _SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
-_CALLEES = re.compile(r"\b(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
-                      r"|branch_computations=\{([^}]*)\}")
+_CALLEES = re.compile(
+    r"\b(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+    r"|branch_computations=\{([^}]*)\}"
+)
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -36,8 +53,10 @@ class Traffic:
 
 def _result_bytes(shape_text: str) -> int:
     """Bytes of an instruction's result; for an async start's tuple (operands, results) the largest."""
-    sizes = [_DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-             for dtype, dims in _SHAPE.findall(shape_text)]
+    sizes = [
+        _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+        for dtype, dims in _SHAPE.findall(shape_text)
+    ]
     return max(sizes, default=0)
 
 

@@ -39,8 +39,13 @@ class Estimate:
         return self.params + self.grads + self.optimizer + self.activations + self.gathered_weights
 
     def items(self):
-        return [("params", self.params), ("gradients", self.grads), ("optimizer state", self.optimizer),
-                ("activations", self.activations), ("gathered weights", self.gathered_weights)]
+        return [
+            ("params", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("gathered weights", self.gathered_weights),
+        ]
 
 
 def shard_bytes(abstract_tree) -> int:
@@ -84,8 +89,9 @@ def activation_bytes(m: ModelConfig, tokens: float, seq_len: int, tensor: int) -
     return int(tokens * (m.num_layers * per[m.remat_policy] + recompute + logits + m.embed_dim * c))
 
 
-def estimate(m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_len: int,
-             grad_accum_steps: int = 1) -> Estimate:
+def estimate(
+    m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_len: int, grad_accum_steps: int = 1
+) -> Estimate:
     """Bytes per device of one train step: state from the shardings, the rest from the shapes."""
     params = shard_bytes(abstract_state.params)
     batch_shards = rules.degree("activation_batch", mesh_shape)
@@ -98,5 +104,6 @@ def estimate(m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_le
     gathered = 0
     if rules.degree("embed", mesh_shape) > 1:  # FSDP
         gathered = int(2 * layers_gathered * layer_params / tensor * np.dtype(m.param_dtype).itemsize)
-    return Estimate(params, grads, shard_bytes(abstract_state.opt_state),
-                    activation_bytes(m, tokens, seq_len, tensor), gathered)
+    return Estimate(
+        params, grads, shard_bytes(abstract_state.opt_state), activation_bytes(m, tokens, seq_len, tensor), gathered
+    )

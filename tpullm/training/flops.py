@@ -15,7 +15,8 @@ FLOPS_CONVENTION = (
     "vocab x embed unembedding (norms, biases, the embedding lookup and vocab padding excluded; MoE "
     "layers: the router and the experts_per_token active experts); "
     "attention = 3 * 4 * layers * min(seq_len, window) * heads * head_dim for QK^T and AV, "
-    "full (not causally halved) as in Chinchilla (Hoffmann et al. 2022, App. F) and PaLM's MFU")
+    "full (not causally halved) as in Chinchilla (Hoffmann et al. 2022, App. F) and PaLM's MFU"
+)
 
 
 def _resolved(m: ModelConfig) -> ModelConfig:
@@ -123,8 +124,9 @@ def forward_flops(m: ModelConfig, seq_len: int) -> dict:
         "attention_values": 2 * attended * k * h,
         "attention_output": 2 * k * h * d,
     }
-    part["attention"] = sum(part[name] for name in ("qkv", "attention_logits", "softmax", "attention_values",
-                                                    "attention_output"))
+    part["attention"] = sum(
+        part[name] for name in ("qkv", "attention_logits", "softmax", "attention_values", "attention_output")
+    )
     part["mlp"] = 2 * (m.num_layers * _mlp_matrices(m) + moe_layers(m) * _moe_extra(m, m.experts_per_token))
     part["dense"] = part["mlp"] / m.num_layers
     part["final_logits"] = 2 * d * v
@@ -160,9 +162,12 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
 # Dense bf16 peak FLOP/s per *chip*, matched against device.device_kind (lowercased) in
 # order, so the more specific names ("v5 lite") come before the looser ones ("tpu v5").
 _CHIP_PEAKS = (
-    ("v6 lite", 918e12), ("v6e", 918e12),
-    ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v5p", 459e12), ("tpu v5", 459e12),  # v5p reports device_kind "TPU v5"
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports device_kind "TPU v5"
     ("tpu v4", 275e12),
     ("tpu v3", 123e12),
     ("tpu v2", 45e12),
@@ -195,4 +200,3 @@ def peak_flops_per_device(device) -> float | None:
         if name in kind:
             return peak / dict(_DEVICES_PER_CHIP).get(name, 1)
     return None
-

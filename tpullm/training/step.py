@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from tpullm.parallel.microbatches import split_microbatches
-from tpullm.training.loss import cross_entropy_sums, finalize, moe_sums, moe_metrics
+from tpullm.training.loss import cross_entropy_sums, finalize, moe_metrics, moe_sums
 from tpullm.training.state import TrainState
 
 
@@ -17,8 +17,9 @@ def _num_experts(model) -> int:
 
 
 def _loss_sums(model, params, batch, z_loss):
-    logits = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                         positions=batch["positions"])  # [b, l, vocab]
+    logits = model.apply(
+        {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )  # [b, l, vocab]
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
@@ -28,16 +29,28 @@ def _train_sums(model, params, batch, z_loss, rng):
         return _loss_sums(model, params, batch, z_loss), ()
     cfg = model.config
     rngs = {"router": rng} if cfg.router_jitter else {}
-    logits, state = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                positions=batch["positions"], rngs=rngs, mutable=["intermediates"])
+    logits, state = model.apply(
+        {"params": params},
+        batch["tokens"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        rngs=rngs,
+        mutable=["intermediates"],
+    )
     sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
     moe = moe_sums(state["intermediates"], sums[3])
     sum_loss = sums[0] + cfg.router_aux_loss * moe[0] + cfg.router_z_loss * moe[1]
     return (sum_loss, *sums[1:]), moe
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1, seed: int = 0):
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    schedule,
+    z_loss: float = 0.0,
+    grad_accum_steps: int = 1,
+    seed: int = 0,
+):
     """Returns train_step(state, batch) -> (state, metrics).
 
     seed (train.seed) keys the router jitter of MoE models: step s, microbatch i draws from
@@ -70,14 +83,21 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_
 
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(lambda: grad_of_sums(state.params, first, n_tokens, rng)[1])
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+            )
             (grads, (sums, moe)), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
         loss, aux = finalize(*sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, **moe_metrics(moe, sums[3]), "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
+        metrics = {
+            "loss": loss,
+            **aux,
+            **moe_metrics(moe, sums[3]),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
