@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	rm -rf $(WORKDIR)
 	JAX_PLATFORMS=cpu $(PY) -m tpullm.train --config=configs/demo.py --workdir=$(WORKDIR)
 
-test: $(VENV)/.test-installed
+test: lint
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
 
 lint: $(VENV)/.test-installed

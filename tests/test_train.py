@@ -22,8 +22,9 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def run(args, **kwargs):
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -59,28 +60,38 @@ def test_train_cli_writes_outputs_resumes_and_samples(tmp_path):
     assert set(os.listdir(os.path.join(workdir, "checkpoints"))) == {"15", "30"}
 
     # The same command with more steps picks up at the newest checkpoint: steps 10-30 are not run again.
-    second = run(["tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
-                  "--config.train.steps=40", "--config.train.sample_tokens=0"])
+    second = run(
+        [
+            "tpullm.train",
+            "--config=configs/demo.py:smoke",
+            f"--workdir={workdir}",
+            "--config.train.steps=40",
+            "--config.train.sample_tokens=0",
+        ]
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     assert set(os.listdir(os.path.join(workdir, "checkpoints"))) == {"15", "30", "40"}  # keep_checkpoints=3
 
-    sample = run(["tpullm.sample", f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=16",
-                  "--temperature=0"])
+    sample = run(
+        ["tpullm.sample", f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=16", "--temperature=0"]
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.startswith("import ") and len(sample.stdout.rstrip("\n")) > len("import ")
 
 
 def test_wrong_override_names_the_key(tmp_path):
-    bad = run(["tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
-               "--config.model.num_layerz=4"])
+    bad = run(
+        ["tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}", "--config.model.num_layerz=4"]
+    )
     assert bad.returncode != 0 and "num_layerz" in bad.stderr
 
 
 def test_bad_value_names_the_field(tmp_path):
-    bad = run(["tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
-               "--config.model.num_kv_heads=3"])
+    bad = run(
+        ["tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}", "--config.model.num_kv_heads=3"]
+    )
     assert bad.returncode != 0
     assert "num_kv_heads=3" in bad.stderr and "num_heads" in bad.stderr
 

@@ -1,6 +1,6 @@
 """Generate text from the newest checkpoint of a training run.
 
-    python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
+python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
 """
 
 import sys
@@ -33,11 +33,22 @@ def main(argv):
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     prompt = tokenizer.encode(_PROMPT.value)
     if len(prompt) > config.data.seq_len:
-        warn(f"the prompt is {len(prompt)} tokens; the model sees only the last {config.data.seq_len} "
-             f"(data.seq_len, its training length)")
-    new = generate(model, params, prompt, _MAX_NEW.value, jax.random.key(_SEED.value),
-                   context=config.data.seq_len, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                   top_p=_TOP_P.value, eos_id=tokenizer.eos_id)
+        warn(
+            f"the prompt is {len(prompt)} tokens; the model sees only the last {config.data.seq_len} "
+            f"(data.seq_len, its training length)"
+        )
+    new = generate(
+        model,
+        params,
+        prompt,
+        _MAX_NEW.value,
+        jax.random.key(_SEED.value),
+        context=config.data.seq_len,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        eos_id=tokenizer.eos_id,
+    )
     print(_PROMPT.value + tokenizer.decode(new))
 
 

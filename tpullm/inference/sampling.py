@@ -18,8 +18,10 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"temperature={temperature} must be >= 0 and finite (0: greedy)")
     if not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1]: the smallest set of tokens whose probability reaches "
-                        f"top_p is kept (1: all); use temperature=0 for greedy")
+        raise UserError(
+            f"top_p={top_p} must be in (0, 1]: the smallest set of tokens whose probability reaches "
+            f"top_p is kept (1: all); use temperature=0 for greedy"
+        )
     if top_k < 0:
         raise UserError(f"top_k={top_k} must be >= 0 (0: all tokens)")
     if max_new_tokens < 0:
@@ -53,8 +55,18 @@ def sample(rng, logits, temperature: float = 1.0, top_k: int = 0, top_p: float =
     return jax.random.categorical(rng, filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
 
-def generate(model, params, prompt_ids, max_new_tokens: int, rng, context: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None) -> list[int]:
+def generate(
+    model,
+    params,
+    prompt_ids,
+    max_new_tokens: int,
+    rng,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+) -> list[int]:
     """Continues `prompt_ids` (a non-empty list of ints); returns only the new tokens.
 
     The model sees the last `context` tokens (its training length), right-padded to a fixed
@@ -74,7 +86,7 @@ def generate(model, params, prompt_ids, max_new_tokens: int, rng, context: int, 
     for _ in range(max_new_tokens):
         window = ids[-context:]
         padded = np.zeros((1, context), np.int32)
-        padded[0, :len(window)] = window
+        padded[0, : len(window)] = window
         rng, step_rng = jax.random.split(rng)
         token = int(next_token(params, padded, len(window) - 1, step_rng))
         if token == eos_id:

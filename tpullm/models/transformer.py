@@ -71,9 +71,13 @@ def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True)
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     # "router": the router-jitter rng, present only when the caller passes one (training).
     stack = nn.scan(
-        block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "router": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=length or full,
-        metadata_params={nn.PARTITION_NAME: "layers"})
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "router": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length or full,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     return stack, kwargs, length or full
 
 
@@ -121,9 +125,13 @@ class Decoder(nn.Module):
             logits = token_embed.attend(x)
         else:
             logits = nn.Dense(
-                cfg.padded_vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                cfg.padded_vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                name="lm_head")(x)
+                name="lm_head",
+            )(x)
         if cfg.padded_vocab_size > cfg.vocab_size:  # padding ids: softmax weight 0, never the argmax
             real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # [padded vocab]
             logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
@@ -142,15 +150,28 @@ class Decoder(nn.Module):
         stack, kwargs, length = layer_stack(cfg)
         if self.is_initializing() or x.shape[0] % cfg.pipeline_microbatches:
             layers = nn.map_variables(
-                stack, "params", trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
-                trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
+                stack,
+                "params",
+                trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
+                trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg),
+                init=True,
+            )(cfg, **kwargs, name="layers")
             return layers(x, segment_ids, positions)[0]
         # Remat wraps a stage's whole group of layers (per iteration), not each layer.
         group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
         policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
         router_key = self.make_rng("router") if cfg.router_jitter and self.has_rng("router") else None
-        x, sown = pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]),
-                                      x, segment_ids, positions, cfg, ACTIVATION, policy, router_key)
+        x, sown = pipeline.run_layers(
+            group(cfg, **kwargs, parent=None),
+            nn.unbox(self.variables["params"]["layers"]),
+            x,
+            segment_ids,
+            positions,
+            cfg,
+            ACTIVATION,
+            policy,
+            router_key,
+        )
         if sown and self.is_mutable_collection("intermediates"):
             self.put_variable("intermediates", "layers", sown)
         return x

@@ -159,8 +159,16 @@ def placements(abstract_boxed, mesh_shape, rules=LOGICAL_AXIS_RULES):
     out = []
     for (path, leaf), names in zip(leaves, specs):
         wanted = nn.logical_to_mesh_axes(tuple(names), rules) if len(names) else PartitionSpec()
-        out.append(Placement(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), leaf.dtype,
-                             names, wanted, fit_spec(wanted, leaf.shape, mesh_shape)))
+        out.append(
+            Placement(
+                jax.tree_util.keystr(path, simple=True, separator="/"),
+                tuple(leaf.shape),
+                leaf.dtype,
+                names,
+                wanted,
+                fit_spec(wanted, leaf.shape, mesh_shape),
+            )
+        )
     return treedef, out
 
 
@@ -183,7 +191,8 @@ def check_batch(batch_size: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
         shown = " x ".join(f"{a}={mesh_shape[a]}" for a in axes)
         raise ConfigError(
             f"train.batch_size={batch_size} does not split over the batch axes {shown} = {shards} shards; "
-            f"make train.batch_size a multiple of {shards} or change the mesh degrees")
+            f"make train.batch_size a multiple of {shards} or change the mesh degrees"
+        )
 
 
 def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
@@ -197,7 +206,8 @@ def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape
     if mesh_shape[stage] != stages:
         raise ConfigError(
             f"model.pipeline_stages={stages} but the mesh's {stage} degree is {mesh_shape[stage]} (mesh.ici.{stage} x "
-            f"mesh.dcn.{stage}); set them equal, e.g. --config.mesh.ici.{stage}={stages}")
+            f"mesh.dcn.{stage}); set them equal, e.g. --config.mesh.ici.{stage}={stages}"
+        )
     axes = mesh_axes(BATCH_LOGICAL_AXES[0], rules)
     shards = degree(BATCH_LOGICAL_AXES[0], mesh_shape, rules)
     rows = batch_size // (grad_accum_steps * m)
@@ -207,4 +217,5 @@ def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape
             f"a pipeline microbatch of train.batch_size / (train.grad_accum_steps x model.pipeline_microbatches) = "
             f"{batch_size} / ({grad_accum_steps} x {m}) = {rows} sequences does not split over the batch axes "
             f"{shown} = {shards} shards; make train.batch_size a multiple of {grad_accum_steps * m * shards} or use "
-            f"fewer microbatches")
+            f"fewer microbatches"
+        )
