@@ -97,14 +97,6 @@ class Schedule:
         lap item // M of microbatch item % M. Works on ints and arrays."""
         return t - stage
 
-    def table(self):
-        """[iterations, stages] of (lap, microbatch) per slot, None in the bubble: for reading."""
-        n = self.microbatches * self.repeats
-        return [
-            [divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None for s in range(self.stages)]
-            for t in range(self.iterations)
-        ]
-
 
 # ---------------------------------------------------------------------------------- parameter layout
 
