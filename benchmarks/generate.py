@@ -8,7 +8,8 @@ heads, byte vocabulary), built as a Hugging Face LlamaForCausalLM with random we
 `from_hf`, so all three run the same weights. Each row's prompt is context - new_tokens tokens; greedy;
 tokens/s counts generated tokens over wall-clock time (median of --repeats, after a warm-up call that
 compiles):
-  - cached: `Generator.generate` end to end (prefill of the prompts + the decode loop, one jit call);
+  - cached: `Generator.generate` end to end (prefill of the prompts + the decode loop, one jit call),
+    and its decode steps alone (the time of new_tokens less the time of 1);
   - full window: the loop `tpullm.inference.sampling.generate` used to run, one jitted forward pass over
     the whole [batch, context] window per new token (every step costs the same, so --window_steps of
     them are timed and the rate extrapolated);
@@ -61,10 +62,14 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cached_rate(model, params, prompts, context: int, new: int, repeats: int) -> float:
+def cached_rates(model, params, prompts, context: int, new: int, repeats: int) -> tuple[float, float]:
+    """(end to end, decode steps alone): the second from the time of `new` tokens less that of one
+    (the prefill and the first token; the same compilation, max_new_tokens is an input)."""
     generator = Generator(model, params, max_length=context)
     greedy = SamplingParams(temperature=0.0)
-    return len(prompts) * new / median_seconds(lambda: generator.generate(prompts, new, greedy), repeats)
+    full = median_seconds(lambda: generator.generate(prompts, new, greedy), repeats)
+    prefill = median_seconds(lambda: generator.generate(prompts, 1, greedy), repeats)
+    return len(prompts) * new / full, len(prompts) * (new - 1) / (full - prefill)
 
 
 def full_window_rate(model, params, prompts, context: int, steps: int, repeats: int) -> float:
@@ -112,16 +117,16 @@ def main(argv):
     model = models.build(cfg)
     print(f"demo-shaped model: {sum(x.size for x in jax.tree.leaves(params)):,} params, {jax.devices()[0].platform}, "
           f"{new} new tokens per row, greedy; tokens/s (median of {_REPEATS.value})")
-    print("| context | batch | cached tok/s | full-window tok/s | cached / full-window |"
+    print("| context | batch | cached tok/s | cached decode-only tok/s | full-window tok/s | cached / full-window |"
           + (" HF generate tok/s | cached / HF |" if _HF.value else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if _HF.value else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if _HF.value else ""))
     rng = np.random.default_rng(0)
     for context in contexts:
         for batch in batches:
             prompts = rng.integers(2, cfg.vocab_size, (batch, context - new)).tolist()
-            cached = cached_rate(model, params, prompts, context, new, _REPEATS.value)
+            cached, decode = cached_rates(model, params, prompts, context, new, _REPEATS.value)
             window = full_window_rate(model, params, prompts, context, _WINDOW_STEPS.value, _REPEATS.value)
-            row = f"| {context} | {batch} | {cached:.1f} | {window:.1f} | {cached / window:.1f}x |"
+            row = f"| {context} | {batch} | {cached:.1f} | {decode:.1f} | {window:.1f} | {cached / window:.1f}x |"
             if _HF.value:
                 hf = hf_rate(hf_model, prompts, new, _REPEATS.value)
                 row += f" {hf:.1f} | {cached / hf:.2f}x |"
