@@ -231,9 +231,11 @@ MESH_MODEL = dict(num_heads=4, num_kv_heads=2)  # 2 key/value heads split over t
 
 
 def _mesh_worker(out_path):
+    import flax.linen as nn
     from jax.sharding import Mesh
 
     from tpullm.config import MESH_AXES
+    from tpullm.parallel import rules
 
     assert jax.device_count() == 8, jax.devices()
     model, params = tiny("llama", **MESH_MODEL)
@@ -251,6 +253,11 @@ def _mesh_worker(out_path):
                                              for a, b in zip(ours, ref))}
     kernel = sharded.params["layers"]["attention"]["key"]["kernel"]
     results["key_kernel_spec"] = [str(a) for a in kernel.sharding.spec]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+        prefill = jax.jit(lambda p, t: sharded.model.apply({"params": p}, t, cache="prefill", cache_slots=16,
+                                                           mutable=["cache"])[1])
+        cached = prefill(sharded.params, np.zeros((4, 8), np.int32))["cache"]["layers"]["attention"]["cached_key"]
+    results["cache_spec"] = [str(a) for a in cached.value.sharding.spec]  # [layers, batch, slots, kv_heads, hd]
     with open(out_path, "w") as f:
         json.dump(results, f)
 
@@ -266,6 +273,11 @@ def test_mesh_decoding_equals_one_device(on_mesh, name):
     assert result["tokens"] == result["tokens_ref"]
     assert result["logprob_diff"] < 1e-4
     assert "tensor" in on_mesh["key_kernel_spec"]  # the weights really were split
+
+
+def test_cache_rows_split_over_data_and_kv_heads_over_tensor(on_mesh):
+    _, batch, _, kv_heads = on_mesh["cache_spec"][:4]
+    assert "data" in batch and kv_heads == "tensor"
 
 
 if __name__ == "__main__":

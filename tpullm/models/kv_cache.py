@@ -63,7 +63,9 @@ def prefill(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, num_slots
     """
     b, length, kv_heads, hd = k.shape
     key, value, index = _variables(module, (b, num_slots, kv_heads, hd), k.dtype)
-    key.value, value.value, index.value = _in_slots(k, num_slots), _in_slots(v, num_slots), jnp.int32(length)
+    key.value = nn.with_logical_constraint(_in_slots(k, num_slots), CACHE_AXES)
+    value.value = nn.with_logical_constraint(_in_slots(v, num_slots), CACHE_AXES)
+    index.value = jnp.int32(length)
     token = jnp.arange(length)
     mask = attention_mask(token, token, segment_ids, segment_ids, cfg.sliding_window)
     return dot_product_attention(q, k, v, mask)
