@@ -12,6 +12,7 @@ import pytest
 from multidevice import results_on_devices
 from tpullm import models
 from tpullm.errors import UserError
+from tpullm.inference.best_of import best_of
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, filter_logits
 
@@ -68,7 +69,7 @@ def test_decode_logits_equal_the_full_forward_pass_at_every_position(family):
     prompt = 7
     logits, variables = model.apply({"params": params}, tokens[:, :prompt], cache="prefill", cache_slots=24,
                                     mutable=["cache"])
-    np.testing.assert_allclose(logits, full[:, :prompt], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits[:, 0], full[:, prompt - 1], atol=1e-5, rtol=1e-5)
     for t in range(prompt, tokens.shape[1]):
         logits, variables = model.apply({"params": params, **variables}, tokens[:, t:t + 1],
                                         positions=np.full((2, 1), t), cache="decode", mutable=["cache"])
@@ -130,6 +131,18 @@ def test_seeded_sampling_is_deterministic_and_seeds_differ():
         prompts, 24, SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=seed))]
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
+
+
+def test_best_of_keeps_the_sample_with_the_highest_mean_logprob():
+    model, params = tiny("llama")
+    [prompt] = prompts_of((6,), seed=10)
+    generator = Generator(model, params, max_length=24)
+    sampling = SamplingParams(temperature=1.5, seed=4)
+    candidates = generator.generate([prompt] * 4, 8, sampling)  # the rows best_of decodes
+    assert len({tuple(c.tokens) for c in candidates}) > 1
+    [best] = best_of(generator, [prompt], 4, 8, sampling)
+    scores = [np.mean(c.logprobs) for c in candidates]
+    assert best.tokens == candidates[int(np.argmax(scores))].tokens
 
 
 def numpy_filter(logits, temperature, top_k, top_p, min_p):

@@ -77,9 +77,11 @@ class Generator:
                 self.params = jax.device_put(self.params, rules.state_shardings(abstract, mesh))
         self._compiled = {}
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
                  eos_id: int | None = None, stop_ids=()) -> list[Completion]:
-        """Continues every prompt (a non-empty list of ids) by up to max_new_tokens, all rows as one batch."""
+        """Continues every prompt (a non-empty list of ids) by up to max_new_tokens, all rows as one batch
+        (sampling: default SamplingParams(), temperature 1)."""
+        sampling = sampling or SamplingParams()
         check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, max_new_tokens, sampling.min_p)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token to condition on")
@@ -91,17 +93,18 @@ class Generator:
         if max_new_tokens == 0:
             return [Completion([], [], FINISH_REASONS[LENGTH]) for _ in prompts]
         length = min(bucket(longest, MIN_PROMPT_BUCKET), room)
-        rows = bucket(len(prompts), self.batch_shards)
+        rows = -(-bucket(len(prompts)) // self.batch_shards) * self.batch_shards  # whole rows per batch shard
         tokens = np.zeros((rows, length), np.int32)
         starts = np.full((rows,), length - 1, np.int32)  # padding rows: one token, finished from the start
         for i, prompt in enumerate(prompts):
             tokens[i, length - len(prompt):] = prompt
             starts[i] = length - len(prompt)
         stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
-        filters = dataclasses.replace(sampling, seed=0)  # the seed is an input, not part of the compilation
-        run = self._compiled.get((rows, length, filters))
+        # One jit per set of filters (the seed is an input); it compiles once per (rows, length) bucket.
+        filters = dataclasses.replace(sampling, seed=0)
+        run = self._compiled.get(filters)
         if run is None:
-            run = self._compiled[(rows, length, filters)] = self._compile(filters)
+            run = self._compiled[filters] = self._compile(filters)
         out, logprobs, reasons, lengths = jax.device_get(run(
             self.params, tokens, starts, np.int32(len(prompts)), np.int32(max_new_tokens),
             np.int32(-1 if eos_id is None else eos_id), stops, jax.random.key(sampling.seed)))

@@ -91,8 +91,9 @@ class Decoder(nn.Module):
         """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, vocab].
 
         segment_ids default to one document per row; positions default to 0..length-1.
-        cache: "prefill" runs whole prompts and writes a KV cache of `cache_slots` slots, "decode" one
-        token per row against it (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
+        cache: "prefill" runs whole prompts (right-aligned) and writes a KV cache of `cache_slots` slots,
+        returning the last position's logits [batch, 1, vocab]; "decode" runs one token per row against
+        the cache (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
         """
         cfg = self.config
         if cache:
@@ -125,6 +126,8 @@ class Decoder(nn.Module):
             x, _ = stack(cfg, **kwargs, cache=cache, cache_slots=cache_slots, name="layers")(x, segment_ids, positions)
 
         x = ring_attention.unzigzag(x, cfg)
+        if cache == "prefill":  # only the next token's logits: [vocab] per row, not per prompt token
+            x = x[:, -1:]
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)
