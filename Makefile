@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all lint bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ demo: $(VENV)/.installed
 	rm -rf $(WORKDIR)
 	JAX_PLATFORMS=cpu $(PY) -m tpullm.train --config=configs/demo.py --workdir=$(WORKDIR)
 
-test: $(VENV)/.test-installed
+test: lint
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-all: $(VENV)/.test-installed
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q --runslow tests

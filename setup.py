@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         # Test-only: Hugging Face reference models built locally with random weights.
-        "test": ["pytest>=8,<10", "torch>=2.4,<2.15", "transformers>=4.50,<6"],
+        "test": ["pytest>=8,<10", "torch>=2.4,<2.15", "transformers>=4.50,<6", "ruff>=0.8,<1"],
         # Ahead-of-time compilation for TPU topologies on a machine without TPUs.
         "tpu": ["libtpu"],
     },

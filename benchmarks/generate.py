@@ -38,8 +38,17 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (medi
 _WINDOW_STEPS = flags.DEFINE_integer("window_steps", 4, "Timed full-window steps per measurement.")
 _HF = flags.DEFINE_bool("hf", True, "Also time Hugging Face generate.")
 
-DEMO_SHAPE = dict(vocab_size=264, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=768, rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False)
+DEMO_SHAPE = dict(
+    vocab_size=264,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=768,
+    rms_norm_eps=1e-5,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+)
 
 
 def hf_demo_model(max_length: int):
@@ -74,12 +83,13 @@ def cached_rates(model, params, prompts, context: int, new: int, repeats: int) -
 
 def full_window_rate(model, params, prompts, context: int, steps: int, repeats: int) -> float:
     """The replaced loop: a forward pass over the right-padded [batch, context] window per token."""
+
     @jax.jit
     def next_token(params, window, last):
         return jnp.argmax(model.apply({"params": params}, window)[:, last], axis=-1)
 
     window = np.zeros((len(prompts), context), np.int32)
-    window[:, :len(prompts[0])] = prompts
+    window[:, : len(prompts[0])] = prompts
 
     def run():
         last = len(prompts[0]) - 1
@@ -99,8 +109,15 @@ def hf_rate(hf_model, prompts, new: int, repeats: int) -> float:
 
     def run():
         with torch.no_grad():
-            hf_model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
+            hf_model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
 
     return len(prompts) * new / median_seconds(run, repeats)
 
@@ -115,10 +132,14 @@ def main(argv):
         torch.set_num_threads(os.cpu_count())
     cfg, params = from_hf(hf_model)
     model = models.build(cfg)
-    print(f"demo-shaped model: {sum(x.size for x in jax.tree.leaves(params)):,} params, {jax.devices()[0].platform}, "
-          f"{new} new tokens per row, greedy; tokens/s (median of {_REPEATS.value})")
-    print("| context | batch | cached tok/s | cached decode-only tok/s | full-window tok/s | cached / full-window |"
-          + (" HF generate tok/s | cached / HF |" if _HF.value else ""))
+    print(
+        f"demo-shaped model: {sum(x.size for x in jax.tree.leaves(params)):,} params, {jax.devices()[0].platform}, "
+        f"{new} new tokens per row, greedy; tokens/s (median of {_REPEATS.value})"
+    )
+    print(
+        "| context | batch | cached tok/s | cached decode-only tok/s | full-window tok/s | cached / full-window |"
+        + (" HF generate tok/s | cached / HF |" if _HF.value else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|---|" if _HF.value else ""))
     rng = np.random.default_rng(0)
     for context in contexts:

@@ -25,8 +25,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpullm import config as config_lib, data
-from tpullm.data import prepare as prepare_lib, sources as sources_lib, tokenizer as tok_lib
+from tpullm import config as config_lib
+from tpullm import data
+from tpullm.data import prepare as prepare_lib
+from tpullm.data import sources as sources_lib
+from tpullm.data import tokenizer as tok_lib
 from tpullm.parallel import rules
 from tpullm.training import loop
 from tpullm.training.step import make_train_step
@@ -64,8 +67,7 @@ def pipeline_tokens_per_s(data_config, tokenizer, batch_size, seed, workers, sec
     """(tokens/s, seconds to the first batch) of one process's pipeline."""
     start = time.perf_counter()
     sources = data.DataSources(data_config, tokenizer)
-    pipeline = data.make_pipeline(data_config, tokenizer, batch_size, seed, 0, 1, sources=sources,
-                                  num_workers=workers)
+    pipeline = data.make_pipeline(data_config, tokenizer, batch_size, seed, 0, 1, sources=sources, num_workers=workers)
     for _ in range(3):  # worker start-up and the first documents
         next(pipeline)
     first = time.perf_counter() - start
@@ -87,10 +89,12 @@ def train_tokens_per_s(config, tokenizer) -> float:
     pipeline = data.make_pipeline(config.data, tokenizer, t.batch_size, t.seed, 0, 1, num_workers=0)
     batch = loop.put_batch(next(pipeline), sharding)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-        step = jax.jit(make_train_step(setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss,
-                                       t.grad_accum_steps),
-                       in_shardings=(setup.state_shardings, sharding), out_shardings=(setup.state_shardings, None),
-                       donate_argnums=0)
+        step = jax.jit(
+            make_train_step(setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss, t.grad_accum_steps),
+            in_shardings=(setup.state_shardings, sharding),
+            out_shardings=(setup.state_shardings, None),
+            donate_argnums=0,
+        )
         state = setup.init_state(jax.random.key(0))
         state, metrics = step(state, batch)  # compile
         jax.block_until_ready(metrics)
@@ -110,8 +114,10 @@ def main(argv):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     b, seq_len = config.train.batch_size, config.data.seq_len
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{cores} cores (load average {load:.1f}); batch {b} x {seq_len}; default data.num_workers here: "
-          f"{data.default_num_workers()}")
+    print(
+        f"{cores} cores (load average {load:.1f}); batch {b} x {seq_len}; default data.num_workers here: "
+        f"{data.default_num_workers()}"
+    )
     tmp = tempfile.mkdtemp(prefix="tpullm_bench_")
 
     texts = stdlib_texts(_TOKENIZE_MB.value * 1e6)
@@ -122,8 +128,10 @@ def main(argv):
         spm_path = os.path.join(tmp, f"stdlib_bpe{_VOCAB.value}.model")
         with open(spm_path, "wb") as f:
             f.write(proto)
-        print(f"trained a {_VOCAB.value}-piece BPE model on {counts['lines']:,} stdlib lines in "
-              f"{time.perf_counter() - start:.1f}s")
+        print(
+            f"trained a {_VOCAB.value}-piece BPE model on {counts['lines']:,} stdlib lines in "
+            f"{time.perf_counter() - start:.1f}s"
+        )
     byte_tok, spm_tok = tok_lib.ByteTokenizer(), tok_lib.load_tokenizer(spm_path)
     nbytes = sum(len(t.encode()) for t in texts)
     ratio = sum(len(ids) for ids in spm_tok.encode_batch(texts)) / nbytes
@@ -139,16 +147,22 @@ def main(argv):
     spec = sources_lib.parse_spec("python_stdlib", max_bytes=config.data.max_bytes)
     [result] = prepare_lib.prepare([spec], spm_path, os.path.join(tmp, "prepared"), log=lambda _: None)
     seconds = time.perf_counter() - start
-    print(f"\nprepare: python_stdlib -> {result.kept} documents, {result.tokens:,} tokens in {seconds:.1f}s "
-          f"({result.read.bytes / 1e6 / seconds:.1f} MB/s with {cores} workers, start-up included)")
+    print(
+        f"\nprepare: python_stdlib -> {result.kept} documents, {result.tokens:,} tokens in {seconds:.1f}s "
+        f"({result.read.bytes / 1e6 / seconds:.1f} MB/s with {cores} workers, start-up included)"
+    )
 
     train = train_tokens_per_s(config, byte_tok)
-    print(f"\ntrain step of {_CONFIG.value.model.num_layers}-layer demo model: {train:,.0f} tokens/s "
-          f"(median of {_TRAIN_STEPS.value} steps)")
+    print(
+        f"\ntrain step of {_CONFIG.value.model.num_layers}-layer demo model: {train:,.0f} tokens/s "
+        f"(median of {_TRAIN_STEPS.value} steps)"
+    )
 
-    runs = [("stdlib + bytes", {}, byte_tok), ("stdlib + sentencepiece", {"tokenizer": spm_path}, spm_tok),
-            ("prepared shards (sp)", {"tokenizer": spm_path, "corpus": os.path.join(tmp, "prepared", spec.name)},
-             spm_tok)]
+    runs = [
+        ("stdlib + bytes", {}, byte_tok),
+        ("stdlib + sentencepiece", {"tokenizer": spm_path}, spm_tok),
+        ("prepared shards (sp)", {"tokenizer": spm_path, "corpus": os.path.join(tmp, "prepared", spec.name)}, spm_tok),
+    ]
     print(f"\npipeline, one process, about {_SECONDS.value:.0f}s each:")
     print(f"  {'':24} {'workers':>7} {'first batch s':>13} {'tokens/s':>12} {'x training':>10}")
     for name, overrides, tok in runs:

@@ -19,37 +19,28 @@ show the cost of the all-to-alls and partitioning, not a speed-up.
 """
 
 import os
-
-import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
-
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 from absl import app, flags  # noqa: E402
-
 from ml_collections import config_flags  # noqa: E402
 
 from tpullm.aot import compile_step  # noqa: E402
+from tpullm.data.synthetic import random_packed_batch  # noqa: E402
 from tpullm.parallel import rules  # noqa: E402
 from tpullm.training import flops, loop  # noqa: E402
 
 _MIXTRAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "mixtral_8x7b.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _MIXTRAL + ":tiny", "An MoE experiment config (configs/*.py[:arg]).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _MIXTRAL + ":tiny", "An MoE experiment config (configs/*.py[:arg])."
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row (after one warm-up step), interleaved.")
 
 MODELS = ("dense", "moe dropless", "moe capacity")
 MESHES = {"1 device": None, "8 devices, expert=8": {"data": 1, "expert": 8}}
-
-
-def random_batch(batch, length, vocab):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, vocab, (batch, length), dtype=np.int32)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones((batch, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-            "loss_mask": np.ones((batch, length), np.float32)}
 
 
 def prepare(model, ici):
@@ -65,7 +56,7 @@ def prepare(model, ici):
     compiled, setup, model_cfg = compile_step(config, jax.devices()[:1] if ici is None else None)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         state = setup.init_state(jax.random.key(0))
-        batch = loop.put_batch(random_batch(b, length, model_cfg.vocab_size), rules.batch_sharding(setup.mesh))
+        batch = loop.put_batch(random_packed_batch(b, length, model_cfg.vocab_size), rules.batch_sharding(setup.mesh))
     box = {"state": state}
 
     def step():
@@ -81,8 +72,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     b, length = _CONFIG.value.train.batch_size, _CONFIG.value.data.seq_len
     tokens = b * length
-    print(f"{jax.device_count()} {jax.devices()[0].platform} devices; {b} x {length} = {tokens} tokens per step; "
-          f"median of {_STEPS.value} interleaved steps\n")
+    print(
+        f"{jax.device_count()} {jax.devices()[0].platform} devices; {b} x {length} = {tokens} tokens per step; "
+        f"median of {_STEPS.value} interleaved steps\n"
+    )
     rows = {(mesh, model): prepare(model, ici) for mesh, ici in MESHES.items() for model in MODELS}
     times = {key: [] for key in rows}
     for _ in range(_STEPS.value):

@@ -13,19 +13,17 @@ optimizer bytes per device less than 6x.
 """
 
 import os
-
-import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
-
 import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
 from step_timing import median_step_ms, peak_bytes  # noqa: E402
+
 from tpullm.aot import compile_step  # noqa: E402
+from tpullm.data.synthetic import random_packed_batch  # noqa: E402
 from tpullm.parallel import memory  # noqa: E402
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
@@ -44,15 +42,6 @@ STRATEGIES = [
 ]
 
 
-def random_batch(config):
-    b, length, vocab = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, vocab, (b, length), dtype=np.int32)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones((b, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-            "loss_mask": np.ones((b, length), np.float32)}
-
-
 def measure(base, ici, model, steps):
     config = base.copy_and_resolve_references()
     config.model.update(model)
@@ -63,20 +52,36 @@ def measure(base, ici, model, steps):
     compile_s = time.perf_counter() - start
     stats = compiled.memory_analysis()
     state_bytes = memory.shard_bytes((setup.abstract_state.params, setup.abstract_state.opt_state))
-    step_ms, metrics = median_step_ms(compiled, setup, random_batch(config), steps)
-    return {"step_ms": step_ms, "compile_s": compile_s, "state": state_bytes, "args": stats.argument_size_in_bytes,
-            "temp": stats.temp_size_in_bytes, "peak": peak_bytes(stats), "loss": float(metrics["loss"])}
+    step_ms, metrics = median_step_ms(
+        compiled,
+        setup,
+        random_packed_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size),
+        steps,
+    )
+    return {
+        "step_ms": step_ms,
+        "compile_s": compile_s,
+        "state": state_bytes,
+        "args": stats.argument_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+        "peak": peak_bytes(stats),
+        "loss": float(metrics["loss"]),
+    }
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     base = _CONFIG.value
-    print(f"{jax.device_count()} simulated {jax.devices()[0].platform} devices; batch {base.train.batch_size} x "
-          f"{base.data.seq_len} tokens, {_STEPS.value} timed steps per strategy (median)\n")
+    print(
+        f"{jax.device_count()} simulated {jax.devices()[0].platform} devices; batch {base.train.batch_size} x "
+        f"{base.data.seq_len} tokens, {_STEPS.value} timed steps per strategy (median)\n"
+    )
     mib = 2**20
-    header = (f"{'strategy':<24} {'step ms':>8} {'vs 1 dev':>8} {'compile s':>9} {'params+opt':>11} {'cut':>6} "
-              f"{'arguments':>10} {'temporaries':>11} {'peak':>9}   (MiB per device)")
+    header = (
+        f"{'strategy':<24} {'step ms':>8} {'vs 1 dev':>8} {'compile s':>9} {'params+opt':>11} {'cut':>6} "
+        f"{'arguments':>10} {'temporaries':>11} {'peak':>9}   (MiB per device)"
+    )
     print(header)
     reference, results = None, {}
     for name, ici, model in STRATEGIES:
@@ -84,13 +89,18 @@ def main(argv):
         if ici is None:
             reference = r
         results[name] = r
-        print(f"{name:<24} {r['step_ms']:>8.1f} {r['step_ms'] / reference['step_ms']:>7.2f}x {r['compile_s']:>9.1f} "
-              f"{r['state'] / mib:>11.2f} {reference['state'] / r['state']:>5.1f}x {r['args'] / mib:>10.2f} "
-              f"{r['temp'] / mib:>11.2f} {r['peak'] / mib:>9.2f}", flush=True)
+        print(
+            f"{name:<24} {r['step_ms']:>8.1f} {r['step_ms'] / reference['step_ms']:>7.2f}x {r['compile_s']:>9.1f} "
+            f"{r['state'] / mib:>11.2f} {reference['state'] / r['state']:>5.1f}x {r['args'] / mib:>10.2f} "
+            f"{r['temp'] / mib:>11.2f} {r['peak'] / mib:>9.2f}",
+            flush=True,
+        )
     cut = results["1 device"]["state"] / results["fsdp=8"]["state"]
     ok = cut >= 6
-    print(f"\nFSDP over 8 devices cuts parameter + optimizer bytes per device {cut:.2f}x (target >= 6x): "
-          f"{'OK' if ok else 'FAILED'}")
+    print(
+        f"\nFSDP over 8 devices cuts parameter + optimizer bytes per device {cut:.2f}x (target >= 6x): "
+        f"{'OK' if ok else 'FAILED'}"
+    )
     sys.exit(0 if ok else 1)
 
 

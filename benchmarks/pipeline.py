@@ -14,14 +14,13 @@ the schedule (bubble iterations still compute, on stale data) and its collective
 
 import os
 
-import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
 from step_timing import median_step_ms, peak_bytes  # noqa: E402
+
 from tpullm.aot import compile_step  # noqa: E402
 from tpullm.models.pipeline import Schedule  # noqa: E402
 from tpullm.parallel import memory  # noqa: E402
@@ -41,9 +40,13 @@ def one_document_rows(config):
     """Random tokens, one document per row, every token counted."""
     b, length = config.train.batch_size, config.data.seq_len
     tokens = np.random.default_rng(0).integers(1, config.model.vocab_size, (b, length), dtype=np.int32)
-    return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones_like(tokens),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-            "loss_mask": np.ones((b, length), np.float32)}
+    return {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+        "loss_mask": np.ones((b, length), np.float32),
+    }
 
 
 def measure(base, stages, microbatches, repeats, steps):
@@ -57,8 +60,13 @@ def measure(base, stages, microbatches, repeats, steps):
     stats = compiled.memory_analysis()
     state_bytes = memory.shard_bytes((setup.abstract_state.params, setup.abstract_state.opt_state))
     step_ms, metrics = median_step_ms(compiled, setup, one_document_rows(config), steps)
-    return {"step_ms": step_ms, "state": state_bytes, "temp": stats.temp_size_in_bytes, "peak": peak_bytes(stats),
-            "loss": float(metrics["loss"])}
+    return {
+        "step_ms": step_ms,
+        "state": state_bytes,
+        "temp": stats.temp_size_in_bytes,
+        "peak": peak_bytes(stats),
+        "loss": float(metrics["loss"]),
+    }
 
 
 def main(argv):
@@ -68,11 +76,15 @@ def main(argv):
     base.model.num_layers = _LAYERS.value
     base.train.batch_size = _BATCH.value
     base.data.seq_len = _SEQ.value
-    print(f"{jax.device_count()} simulated {jax.devices()[0].platform} devices; {_LAYERS.value} layers, batch "
-          f"{_BATCH.value} x {_SEQ.value} tokens, {_STEPS.value} timed steps per row (median)\n")
+    print(
+        f"{jax.device_count()} simulated {jax.devices()[0].platform} devices; {_LAYERS.value} layers, batch "
+        f"{_BATCH.value} x {_SEQ.value} tokens, {_STEPS.value} timed steps per row (median)\n"
+    )
     mib = 2**20
-    print(f"{'mesh':<16} {'micro':>5} {'repeats':>7} {'bubble':>7} {'step ms':>8} {'vs no pipe':>10} "
-          f"{'params+opt':>11} {'temporaries':>11} {'peak':>9}   (MiB per device)")
+    print(
+        f"{'mesh':<16} {'micro':>5} {'repeats':>7} {'bubble':>7} {'step ms':>8} {'vs no pipe':>10} "
+        f"{'params+opt':>11} {'temporaries':>11} {'peak':>9}   (MiB per device)"
+    )
     reference = None
     for stages, microbatches, repeats in ROWS:
         r = measure(base, stages, microbatches, repeats, _STEPS.value)
@@ -82,9 +94,12 @@ def main(argv):
             bubble = f"{Schedule(stages, microbatches, repeats).bubble_fraction:>7.1%}"
         else:
             mesh, bubble = "data=8", f"{'-':>7}"
-        print(f"{mesh:<16} {microbatches or '-':>5} {repeats:>7} {bubble} {r['step_ms']:>8.1f} "
-              f"{r['step_ms'] / reference['step_ms']:>9.2f}x {r['state'] / mib:>11.2f} {r['temp'] / mib:>11.2f} "
-              f"{r['peak'] / mib:>9.2f}", flush=True)
+        print(
+            f"{mesh:<16} {microbatches or '-':>5} {repeats:>7} {bubble} {r['step_ms']:>8.1f} "
+            f"{r['step_ms'] / reference['step_ms']:>9.2f}x {r['state'] / mib:>11.2f} {r['temp'] / mib:>11.2f} "
+            f"{r['peak'] / mib:>9.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ are activations and attention temporaries. Simulated CPU devices, set here befor
 
 import os
 
-import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
-
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import simulated_devices  # noqa: F401  (sets XLA_FLAGS before jax is imported)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -34,7 +33,7 @@ _PER_DEVICE = flags.DEFINE_integer("per_device_length", 1024, "Tokens of the row
 _DEGREES = flags.DEFINE_list("degrees", ["1", "2", "4", "8"], "Sequence degrees (devices on the sequence axis).")
 _REMAT = flags.DEFINE_string("remat", "full", "model.remat_policy for every column.")
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def peak_bytes(base, degree: int, length: int, attention: str) -> int:
@@ -47,12 +46,18 @@ def peak_bytes(base, degree: int, length: int, attention: str) -> int:
     setup = loop.build(c, config_lib.validate(c), jax.devices()[:degree])
     sharding = rules.batch_sharding(setup.mesh)
     spec = lambda dtype: jax.ShapeDtypeStruct((1, length), dtype, sharding=sharding)  # noqa: E731
-    batch = {"tokens": spec(jnp.int32), "targets": spec(jnp.int32), "segment_ids": spec(jnp.int32),
-             "positions": spec(jnp.int32), "loss_mask": spec(jnp.float32)}
+    batch = {
+        "tokens": spec(jnp.int32),
+        "targets": spec(jnp.int32),
+        "segment_ids": spec(jnp.int32),
+        "positions": spec(jnp.int32),
+        "loss_mask": spec(jnp.float32),
+    }
 
     def loss_fn(params, batch):
-        logits = setup.model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"])
+        logits = setup.model.apply(
+            {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
 
     params = setup.state_shardings.params
@@ -65,9 +70,11 @@ def peak_bytes(base, degree: int, length: int, attention: str) -> int:
 def main(_):
     base = _CONFIG.value
     m = base.model
-    print(f"model: {m.num_layers} layers, embed {m.embed_dim}, heads {m.num_heads}/{m.num_kv_heads or m.num_heads}, "
-          f"vocab {m.vocab_size}, batch 1, remat {_REMAT.value}, float32; MiB per device "
-          f"(temporaries + arguments + outputs of value_and_grad)")
+    print(
+        f"model: {m.num_layers} layers, embed {m.embed_dim}, heads {m.num_heads}/{m.num_kv_heads or m.num_heads}, "
+        f"vocab {m.vocab_size}, batch 1, remat {_REMAT.value}, float32; MiB per device "
+        f"(temporaries + arguments + outputs of value_and_grad)"
+    )
     header = f"{'sequence':>8} {'row':>7} {'per device':>10} {'one device':>11} {'all_gather':>11} {'ring':>9}"
     print(header)
     print("-" * len(header))
@@ -76,8 +83,11 @@ def main(_):
         whole = peak_bytes(base, 1, length, "all_gather")
         gathered = peak_bytes(base, degree, length, "all_gather")
         ring = peak_bytes(base, degree, length, "ring")
-        print(f"{degree:>8} {length:>7} {_PER_DEVICE.value:>10} {whole / MIB:>11.1f} {gathered / MIB:>11.1f} "
-              f"{ring / MIB:>9.1f}", flush=True)
+        print(
+            f"{degree:>8} {length:>7} {_PER_DEVICE.value:>10} {whole / MIB:>11.1f} {gathered / MIB:>11.1f} "
+            f"{ring / MIB:>9.1f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

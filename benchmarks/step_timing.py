@@ -28,5 +28,6 @@ def median_step_ms(compiled, setup, rows: dict, steps: int):
 
 def peak_bytes(stats) -> int:
     """Per-device peak from `compiled.memory_analysis()`: arguments + temporaries + outputs - donated."""
-    return (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes)
+    return (
+        stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    )

@@ -23,11 +23,12 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpullm import config as config_lib, data
+from tpullm import config as config_lib
+from tpullm import data
+from tpullm.data.synthetic import random_packed_batch
 from tpullm.parallel import rules
 from tpullm.training import flops, loop
 from tpullm.training.step import make_train_step
@@ -45,6 +46,7 @@ LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
 
 # ---------------------------------------------------------------- tpullm, as loop.train builds it
 
+
 @contextlib.contextmanager
 def tpullm_context(mesh):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
@@ -57,23 +59,36 @@ def build_tpullm(config, model_cfg):
     if hasattr(loop, "jit_train_step"):  # the loop's own helper, where the tree has it
         return setup, batch_sharding, loop.jit_train_step(setup, config)
     step = jax.jit(  # what loop.train does inline otherwise
-        make_train_step(setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss,
-                        config.train.grad_accum_steps),
-        in_shardings=(setup.state_shardings, batch_sharding), out_shardings=(setup.state_shardings, None),
-        donate_argnums=0)
+        make_train_step(
+            setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss, config.train.grad_accum_steps
+        ),
+        in_shardings=(setup.state_shardings, batch_sharding),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
     return setup, batch_sharding, step
 
 
 # ---------------------------------------------------------------- the floor: plain jnp, no optax
 
+
 def floor_params(params):
     """tpullm's param tree -> a flat dict of arrays (per-layer ones stacked [layers, ...]); copies."""
     lay, att, mlp = params["layers"], params["layers"]["attention"], params["layers"]["mlp"]
-    flat = {"embed": params["token_embed"]["embedding"], "final_norm": params["final_norm"]["scale"],
-            "lm_head": params["lm_head"]["kernel"], "attn_norm": lay["attn_norm"]["scale"],
-            "wq": att["query"]["kernel"], "wk": att["key"]["kernel"], "wv": att["value"]["kernel"],
-            "wo": att["out"]["kernel"], "mlp_norm": lay["mlp_norm"]["scale"], "w_gate": mlp["gate"]["kernel"],
-            "w_up": mlp["up"]["kernel"], "w_down": mlp["down"]["kernel"]}
+    flat = {
+        "embed": params["token_embed"]["embedding"],
+        "final_norm": params["final_norm"]["scale"],
+        "lm_head": params["lm_head"]["kernel"],
+        "attn_norm": lay["attn_norm"]["scale"],
+        "wq": att["query"]["kernel"],
+        "wk": att["key"]["kernel"],
+        "wv": att["value"]["kernel"],
+        "wo": att["out"]["kernel"],
+        "mlp_norm": lay["mlp_norm"]["scale"],
+        "w_gate": mlp["gate"]["kernel"],
+        "w_up": mlp["up"]["kernel"],
+        "w_down": mlp["down"]["kernel"],
+    }
     return jax.tree.map(jnp.copy, flat)
 
 
@@ -142,7 +157,7 @@ def make_floor_step(m, o, total_steps, z_loss):
         nu = jax.tree.map(lambda a, x: o.b2 * a + (1 - o.b2) * x * x, nu, g)
 
         def update(name, w, a, n):
-            u = (a / (1 - o.b1 ** t)) / (jnp.sqrt(n / (1 - o.b2 ** t)) + o.eps)
+            u = (a / (1 - o.b1**t)) / (jnp.sqrt(n / (1 - o.b2**t)) + o.eps)
             decay = 0.0 if name.endswith("norm") else o.weight_decay  # norm scales: no decay
             return w - lr * (u + decay * w)
 
@@ -153,17 +168,6 @@ def make_floor_step(m, o, total_steps, z_loss):
 
 
 # ---------------------------------------------------------------- helpers
-
-def synthetic_batch(config, seed=0):
-    """Random documents packed into exactly batch_size rows; the last row ends in padding."""
-    b, length, vocab = config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    rng, docs, total = np.random.default_rng(seed), [], 0
-    want = b * length - length // 3
-    while total < want:
-        n = min(int(rng.integers(8, 2 * length)), want - total)
-        docs.append(rng.integers(1, vocab - 1, n))
-        total += n
-    return data.pack_documents(docs, length, eos_id=vocab - 1).take(slice(0, b))
 
 
 def timed(fn, state, batch, steps):
@@ -186,8 +190,10 @@ def compile_seconds(config, num_layers):
     c.model.num_layers = num_layers
     setup, batch_sharding, step = build_tpullm(c, config_lib.validate(c))
     shape = (c.train.batch_size, c.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
-             for k in data.packing.FIELDS}
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
+        for k in data.packing.FIELDS
+    }
     with tpullm_context(setup.mesh):
         t0 = time.perf_counter()
         lowered = step.lower(setup.abstract_state, batch)
@@ -201,26 +207,43 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     m = config_lib.validate(config)
-    unsupported = {"norm": m.norm != "rmsnorm", "mlp": m.mlp != "swiglu", "positions": m.positions != "rope",
-                   "biases": m.qkv_bias or m.dense_bias, "tie_embeddings": m.tie_embeddings,
-                   "remat_policy": m.remat_policy != "none", "grad_accum_steps": config.train.grad_accum_steps != 1}
+    unsupported = {
+        "norm": m.norm != "rmsnorm",
+        "mlp": m.mlp != "swiglu",
+        "positions": m.positions != "rope",
+        "biases": m.qkv_bias or m.dense_bias,
+        "tie_embeddings": m.tie_embeddings,
+        "remat_policy": m.remat_policy != "none",
+        "grad_accum_steps": config.train.grad_accum_steps != 1,
+    }
     if any(unsupported.values()):
-        raise app.UsageError(f"the floor implements RMSNorm/SwiGLU/RoPE, no biases, untied, no remat, no "
-                             f"accumulation; this config differs in {[k for k, v in unsupported.items() if v]}")
+        raise app.UsageError(
+            f"the floor implements RMSNorm/SwiGLU/RoPE, no biases, untied, no remat, no "
+            f"accumulation; this config differs in {[k for k, v in unsupported.items() if v]}"
+        )
     b, length = config.train.batch_size, config.data.seq_len
     device = jax.devices()[0]
-    print(f"config: layers={m.num_layers} embed={m.embed_dim} heads={m.num_heads}/{m.num_kv_heads} "
-          f"mlp={m.mlp_dim} vocab={m.vocab_size} batch={b}x{length} {m.compute_dtype}; "
-          f"{jax.device_count()} {device.platform} device(s)")
+    print(
+        f"config: layers={m.num_layers} embed={m.embed_dim} heads={m.num_heads}/{m.num_kv_heads} "
+        f"mlp={m.mlp_dim} vocab={m.vocab_size} batch={b}x{length} {m.compute_dtype}; "
+        f"{jax.device_count()} {device.platform} device(s)"
+    )
 
     setup, batch_sharding, tp_step = build_tpullm(config, m)
-    batch = loop.put_batch(synthetic_batch(config), batch_sharding)
+    batch = loop.put_batch(
+        random_packed_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size), batch_sharding
+    )
     tp_state = setup.init_state(jax.random.key(config.train.seed))
     fl_params = floor_params(tp_state.params)  # the same initial values, in the floor's layout
-    fl_state = (fl_params, jax.tree.map(jnp.zeros_like, fl_params), jax.tree.map(jnp.zeros_like, fl_params),
-                jnp.zeros((), jnp.int32))
-    fl_step = jax.jit(make_floor_step(m, config.optimizer, config.train.steps, config.optimizer.z_loss),
-                      donate_argnums=0)
+    fl_state = (
+        fl_params,
+        jax.tree.map(jnp.zeros_like, fl_params),
+        jax.tree.map(jnp.zeros_like, fl_params),
+        jnp.zeros((), jnp.int32),
+    )
+    fl_step = jax.jit(
+        make_floor_step(m, config.optimizer, config.train.steps, config.optimizer.z_loss), donate_argnums=0
+    )
     with tpullm_context(setup.mesh):  # XLA's static estimate of the work, immune to timing noise
         costs = {"tpullm": xla_cost(tp_step.lower(tp_state, batch).compile())}
     costs["floor"] = xla_cost(fl_step.lower(fl_state, batch).compile())
@@ -241,8 +264,10 @@ def main(argv):
         g_rel = abs(float(tm["grad_norm"]) - float(fm["grad_norm"])) / float(tm["grad_norm"])
         print(f"  {i:>4}  {lt:>12.7f}  {lf:>12.7f}  {rel[-1]:>9.2e}  {g_rel:>18.2e}")
     ok = rel[0] <= 1e-5
-    print(f"  step-0 loss {'MATCHES' if ok else 'DIFFERS'} within 1e-5 relative; "
-          f"steps 1-2 (after optimizer updates) {'match' if max(rel[1:]) <= 1e-5 else 'differ'}")
+    print(
+        f"  step-0 loss {'MATCHES' if ok else 'DIFFERS'} within 1e-5 relative; "
+        f"steps 1-2 (after optimizer updates) {'match' if max(rel[1:]) <= 1e-5 else 'differ'}"
+    )
     if not ok:
         raise SystemExit("the floor does not compute the same loss as tpullm; timings would not be comparable")
 
@@ -250,14 +275,16 @@ def main(argv):
     fns, states = {"tpullm": run_tpullm, "floor": fl_step}, {"tpullm": tp_state, "floor": fl_state}
     times = {"tpullm": [], "floor": []}  # (wall, cpu) seconds per step, one entry per round
     for r in range(_REPEATS.value):
-        for name in (("tpullm", "floor") if r % 2 == 0 else ("floor", "tpullm")):
+        for name in ("tpullm", "floor") if r % 2 == 0 else ("floor", "tpullm"):
             states[name], t = timed(fns[name], states[name], batch, _STEPS.value)
             times[name].append(t)
     fpt = flops.flops_per_token(m, length)["total"]
     peak = flops.peak_flops_per_device(device)
     peak_total = peak if device.platform == "cpu" else (peak or 0) * jax.device_count()
-    print(f"\ntrain step, median of {_REPEATS.value} interleaved rounds of {_STEPS.value} steps "
-          f"({fpt / 1e6:.1f} MFLOPs/token; peak {peak_total / 1e9:,.0f} GFLOP/s):")
+    print(
+        f"\ntrain step, median of {_REPEATS.value} interleaved rounds of {_STEPS.value} steps "
+        f"({fpt / 1e6:.1f} MFLOPs/token; peak {peak_total / 1e9:,.0f} GFLOP/s):"
+    )
     print(f"  {'':8}  {'ms/step':>9}  {'min':>8}  {'max':>8}  {'CPU ms/step':>11}  {'tokens/s':>9}  {'MFU':>6}")
     med, cpu = {}, {}
     for name, ts in times.items():
@@ -265,14 +292,20 @@ def main(argv):
         med[name], cpu[name] = statistics.median(wall), statistics.median(t[1] for t in ts)
         tok_s = b * length / med[name]
         mfu = f"{tok_s * fpt / peak_total:.1%}" if peak_total else "n/a"
-        print(f"  {name:8}  {med[name] * 1e3:>9.1f}  {min(wall) * 1e3:>8.1f}  {max(wall) * 1e3:>8.1f}  "
-              f"{cpu[name] * 1e3:>11.1f}  {tok_s:>9,.0f}  {mfu:>6}")
+        print(
+            f"  {name:8}  {med[name] * 1e3:>9.1f}  {min(wall) * 1e3:>8.1f}  {max(wall) * 1e3:>8.1f}  "
+            f"{cpu[name] * 1e3:>11.1f}  {tok_s:>9,.0f}  {mfu:>6}"
+        )
     ratio = med["tpullm"] / med["floor"]
     pairwise = statistics.median(a[0] / f[0] for a, f in zip(times["tpullm"], times["floor"]))
-    print(f"  tpullm / floor = {ratio:.3f}x wall-clock: {'within' if ratio <= 1.05 else 'OUTSIDE'} the 1.05x "
-          f"target (median per-round ratio {pairwise:.3f}x, CPU-time ratio {cpu['tpullm'] / cpu['floor']:.3f}x)")
-    print(f"  XLA cost analysis, tpullm / floor (scan bodies counted once): FLOPs "
-          f"{costs['tpullm'][0] / costs['floor'][0]:.3f}x, bytes accessed {costs['tpullm'][1] / costs['floor'][1]:.3f}x")
+    print(
+        f"  tpullm / floor = {ratio:.3f}x wall-clock: {'within' if ratio <= 1.05 else 'OUTSIDE'} the 1.05x "
+        f"target (median per-round ratio {pairwise:.3f}x, CPU-time ratio {cpu['tpullm'] / cpu['floor']:.3f}x)"
+    )
+    print(
+        f"  XLA cost analysis, tpullm / floor (scan bodies counted once): FLOPs "
+        f"{costs['tpullm'][0] / costs['floor'][0]:.3f}x, bytes accessed {costs['tpullm'][1] / costs['floor'][1]:.3f}x"
+    )
 
     # Compile time vs depth, fresh jits, interleaved.
     depths = [int(n) for n in _COMPILE_LAYERS.value]

@@ -23,20 +23,26 @@ SHAPES = {  # variant -> (layers, width, FFN, heads)
 
 def get_config(arg=None):
     c = default_config()
-    c.model.update(vocab_size=256000, mlp="swiglu", norm="rmsnorm", positions="rope", max_length=1024,
-                   tie_embeddings=False, num_experts=64, experts_per_token=2, moe_every=2,
-                   moe_dispatch="capacity", capacity_factor=1.25, router_aux_loss=0.01, router_z_loss=0.001)
+    c.model.update(
+        vocab_size=256000,
+        mlp="swiglu",
+        norm="rmsnorm",
+        positions="rope",
+        max_length=1024,
+        tie_embeddings=False,
+        num_experts=64,
+        experts_per_token=2,
+        moe_every=2,
+        moe_dispatch="capacity",
+        capacity_factor=1.25,
+        router_aux_loss=0.01,
+        router_z_loss=0.001,
+    )
     c = common.llama_recipe(c, seq_len=1024, tokens_per_batch=1024 * 1024, total_tokens=600e9)
-    if arg == "tiny":  # CPU size: bytes vocabulary, 8 experts
-        c.model.update(vocab_size=264, embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=256,
-                       num_experts=8, max_length=256, compute_dtype="float32", remat_policy="none")
-        c.data.seq_len = 256
-        c.train.update(steps=300, batch_size=16, log_every=25, eval_every=100, eval_batches=8,
-                       checkpoint_every=150)
-        c.optimizer.update(learning_rate=2e-3, warmup_steps=50)
-    elif arg in SHAPES:
-        layers, width, ffn, heads = SHAPES[arg]
-        c.model.update(num_layers=layers, embed_dim=width, mlp_dim=ffn, num_heads=heads, head_dim=128)
-    else:
-        raise ValueError(f"configs/glam.py: unknown variant {arg!r}; use one of {[k for k in SHAPES if k]} or tiny")
+    if arg == "tiny":  # 8 experts
+        return common.tiny(c, embed_dim=128, num_layers=4, num_heads=4, head_dim=32, mlp_dim=256, num_experts=8)
+    if arg not in SHAPES:
+        raise common.unknown_variant(__file__, arg, (*SHAPES, "tiny"))
+    layers, width, ffn, heads = SHAPES[arg]
+    c.model.update(num_layers=layers, embed_dim=width, mlp_dim=ffn, num_heads=heads, head_dim=128)
     return c

@@ -11,7 +11,19 @@ from tpullm.config import default_config
 
 def get_config(arg=None):
     c = default_config()
-    c.model.update(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
-                   mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, positions="rope", rope_theta=10000.0,
-                   max_length=4096, tie_embeddings=False)
+    c.model.update(
+        vocab_size=32000,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        mlp_dim=11008,
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        positions="rope",
+        rope_theta=10000.0,
+        max_length=4096,
+        tie_embeddings=False,
+    )
     return common.llama_recipe(c, seq_len=4096)

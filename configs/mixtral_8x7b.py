@@ -12,19 +12,30 @@ from tpullm.config import default_config
 
 def get_config(arg=None):
     c = default_config()
-    c.model.update(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
-                   mlp="swiglu", norm="rmsnorm", norm_eps=1e-5, positions="rope", rope_theta=1e6,
-                   max_length=32768, tie_embeddings=False,
-                   num_experts=8, experts_per_token=2, moe_every=1, moe_dispatch="dropless",
-                   router_aux_loss=0.02, router_z_loss=0.0)  # HF's router_aux_loss_coef; no z-loss
+    c.model.update(
+        vocab_size=32000,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14336,
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        positions="rope",
+        rope_theta=1e6,
+        max_length=32768,
+        tie_embeddings=False,
+        num_experts=8,
+        experts_per_token=2,
+        moe_every=1,
+        moe_dispatch="dropless",
+        router_aux_loss=0.02,
+        router_z_loss=0.0,
+    )  # HF's router_aux_loss_coef; no z-loss
     c = common.llama_recipe(c, seq_len=4096)
-    if arg == "tiny":  # the same switches at demo size, bytes vocabulary: trains on a CPU
-        c.model.update(vocab_size=264, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                       max_length=256, compute_dtype="float32", remat_policy="none")
-        c.data.seq_len = 256
-        c.train.update(steps=300, batch_size=16, log_every=25, eval_every=100, eval_batches=8,
-                       checkpoint_every=150)
-        c.optimizer.update(learning_rate=2e-3, warmup_steps=50)
-    elif arg is not None:
-        raise ValueError(f"configs/mixtral_8x7b.py: unknown variant {arg!r}; use no variant or :tiny")
+    if arg == "tiny":
+        return common.tiny(c, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=256)
+    if arg is not None:
+        raise common.unknown_variant(__file__, arg, (None, "tiny"))
     return c

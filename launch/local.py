@@ -30,14 +30,24 @@ def process_env(base: dict, process_id: int, num_processes: int, devices: int, p
     """The environment of process `process_id`: its simulated devices and the coordinator."""
     # Replace any device-count flag already there rather than adding a second, conflicting one.
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", base.get("XLA_FLAGS", "")).strip()
-    return {**base, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip(),
-            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(num_processes),
-            "JAX_PROCESS_ID": str(process_id)}
+    return {
+        **base,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip(),
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+        "JAX_NUM_PROCESSES": str(num_processes),
+        "JAX_PROCESS_ID": str(process_id),
+    }
 
 
-def launch(command: list, num_processes: int, devices_per_process: int, log_dir: str, port: int = 0,
-           timeout: float | None = None) -> int:
+def launch(
+    command: list,
+    num_processes: int,
+    devices_per_process: int,
+    log_dir: str,
+    port: int = 0,
+    timeout: float | None = None,
+) -> int:
     """Runs `command` as `num_processes` cooperating processes; returns the first non-zero exit code, or 0."""
     port = port or free_port()
     os.makedirs(log_dir, exist_ok=True)
@@ -94,8 +104,12 @@ def main(argv=None) -> int:
         parser.error("--num_processes and --devices_per_process must be positive")
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="tpullm_launch_")
     if args.num_processes > 1:
-        print(f"launch.local: {args.num_processes} processes x {args.devices_per_process} devices; "
-              f"processes 1.. log to {log_dir}", file=sys.stderr, flush=True)
+        print(
+            f"launch.local: {args.num_processes} processes x {args.devices_per_process} devices; "
+            f"processes 1.. log to {log_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     return launch(command, args.num_processes, args.devices_per_process, log_dir, args.port, args.timeout)
 
 

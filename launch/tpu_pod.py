@@ -25,8 +25,17 @@ ARCHIVE = "/tmp/tpullm_code.tar.gz"
 
 def gcloud(verb: str, *args, zone: str, project: str | None) -> list:
     """A `gcloud compute tpus tpu-vm` command that acts on every worker."""
-    return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, "--worker=all", f"--zone={zone}",
-            *([f"--project={project}"] if project else [])]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        verb,
+        *args,
+        "--worker=all",
+        f"--zone={zone}",
+        *([f"--project={project}"] if project else []),
+    ]
 
 
 def quote_path(path: str) -> str:
@@ -38,13 +47,22 @@ def quote_path(path: str) -> str:
     home = re.match(r"~[A-Za-z0-9._-]*(/|$)", path)
     if not home:
         return shlex.quote(path)
-    rest = path[home.end():]
+    rest = path[home.end() :]
     return home.group() + (shlex.quote(rest) if rest else "")
 
 
-def commands(tpu: str, zone: str, command: list, project: str | None = None, remote_dir: str = "~/tpullm",
-             copy: bool = False, setup: str | None = None, env: list | None = None) -> list:
+def commands(
+    tpu: str,
+    zone: str,
+    command: list,
+    project: str | None = None,
+    remote_dir: str = "~/tpullm",
+    copy: bool = False,
+    setup: str | None = None,
+    env: list | None = None,
+) -> list:
     """The argv lists to run, in order; each remote command is one string for the worker's shell."""
+
     def ssh(remote):
         return gcloud("ssh", tpu, f"--command={remote}", zone=zone, project=project)
 
@@ -69,8 +87,13 @@ def main(argv=None) -> int:
     parser.add_argument("--remote_dir", default="~/tpullm", help="the repository's directory on each worker")
     parser.add_argument("--copy", action="store_true", help="copy this repository's git HEAD to every worker first")
     parser.add_argument("--setup", default=None, help="shell command run in --remote_dir on every worker first")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment variable for the command (repeatable)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the command (repeatable)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every worker runs")
     args = parser.parse_args(argv)

@@ -17,8 +17,9 @@ DEVICES = 8
 
 def run_on_devices(script: str, *args, timeout: int = 900) -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -40,14 +41,18 @@ def grad_rel(grads, grads0) -> dict:
     import jax
 
     flat0 = dict(jax.tree_util.tree_flatten_with_path(grads0)[0])
-    return {jax.tree_util.keystr(k, simple=True, separator="/"): rel(g, flat0[k])
-            for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    return {
+        jax.tree_util.keystr(k, simple=True, separator="/"): rel(g, flat0[k])
+        for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+    }
 
 
 def step_agreement(metrics, metrics0, params, params0) -> dict:
     """How far one real train step (loss, gradient norm, updated params) is from the reference's."""
     import jax
 
-    return {"step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
-            "grad_norm_rel": rel(metrics["grad_norm"], metrics0["grad_norm"]),
-            "params_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))}
+    return {
+        "step_loss_rel": abs(float(metrics["loss"]) - float(metrics0["loss"])) / abs(float(metrics0["loss"])),
+        "grad_norm_rel": rel(metrics["grad_norm"], metrics0["grad_norm"]),
+        "params_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0))),
+    }

@@ -7,15 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpullm.checkpoint import manager as ckpt, policy, resume
+from tpullm.checkpoint import manager as ckpt
+from tpullm.checkpoint import policy, resume
 from tpullm.config import ConfigError
 
 
 def _state(step):
     # Random values: compressed, a constant array would be a few bytes and the array data file
     # would not be the largest one the damage tests pick.
-    return {"step": jnp.int32(step), "w": jax.random.normal(jax.random.key(step), (64, 256)),
-            "b": jnp.arange(8.0) + step}
+    return {
+        "step": jnp.int32(step),
+        "w": jax.random.normal(jax.random.key(step), (64, 256)),
+        "b": jnp.arange(8.0) + step,
+    }
 
 
 def _abstract():

@@ -22,8 +22,15 @@ SMOKE = ["tpullm.train", "--config=configs/demo.py:smoke", "--config.train.sampl
 
 def start(workdir, *overrides):
     # Own session: the run and its data-loading worker processes form one group we can kill.
-    return subprocess.Popen([sys.executable, "-m", *SMOKE, f"--workdir={workdir}", *overrides], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", *SMOKE, f"--workdir={workdir}", *overrides],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def read_until(proc, pattern, timeout=300):
@@ -43,8 +50,13 @@ def finish(proc, timeout=300):
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path):
-    run = start(tmp_path, "--config.train.steps=5000", "--config.train.checkpoint_every=4000",
-                "--config.train.log_every=1", "--config.train.eval_every=5000")
+    run = start(
+        tmp_path,
+        "--config.train.steps=5000",
+        "--config.train.checkpoint_every=4000",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=5000",
+    )
     assert read_until(run, r"^step \d+/5000") is not None
     run.send_signal(signal.SIGTERM)
     code, out = finish(run)
@@ -52,8 +64,12 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path):
     stopped = int(re.search(r"SIGTERM: saved step (\d+)", out).group(1))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stopped)]
 
-    resumed = start(tmp_path, f"--config.train.steps={stopped + 2}", "--config.train.eval_every=5000",
-                    "--config.optimizer.warmup_steps=1")
+    resumed = start(
+        tmp_path,
+        f"--config.train.steps={stopped + 2}",
+        "--config.train.eval_every=5000",
+        "--config.optimizer.warmup_steps=1",
+    )
     code, out = finish(resumed)
     assert code == 0, out[-3000:]
     assert f"resuming from step {stopped} " in out and f"step {stopped + 2}/{stopped + 2}" in out
@@ -82,8 +98,12 @@ def kill_and_restart(workdir, overrides, kills, seed):
 
 
 def _kill_test(tmp_path, kills, steps):
-    overrides = [f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-                 f"--config.train.eval_every={steps}"]
+    overrides = [
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=2",
+        "--config.train.log_every=1",
+        f"--config.train.eval_every={steps}",
+    ]
     code, out = finish(start(tmp_path / "straight", *overrides))
     assert code == 0, out[-3000:]
     killed_after = kill_and_restart(tmp_path / "killed", overrides, kills, seed=kills)

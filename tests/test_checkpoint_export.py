@@ -12,7 +12,8 @@ import pytest
 
 from configs import demo
 from tpullm import config as config_lib
-from tpullm.checkpoint import load_model, load_params, manager as ckpt
+from tpullm.checkpoint import load_model, load_params
+from tpullm.checkpoint import manager as ckpt
 from tpullm.parallel import rules
 from tpullm.training import loop
 
@@ -35,11 +36,13 @@ def workdir(tmp_path_factory):
     manager = ckpt.make_manager(path)
     rng = np.random.default_rng(0)
     shape = (c.train.batch_size, c.data.seq_len)
-    batch = {"tokens": rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32),
-             "targets": rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32),
-             "segment_ids": np.ones(shape, np.int32), "positions": np.tile(np.arange(shape[1], dtype=np.int32),
-                                                                            (shape[0], 1)),
-             "loss_mask": np.ones(shape, np.float32)}
+    batch = {
+        "tokens": rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32),
+        "targets": rng.integers(0, model_cfg.vocab_size, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.tile(np.arange(shape[1], dtype=np.int32), (shape[0], 1)),
+        "loss_mask": np.ones(shape, np.float32),
+    }
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         train_step = loop.jit_train_step(setup, c)
         state = setup.init_state(jax.random.key(0))
@@ -52,9 +55,14 @@ def workdir(tmp_path_factory):
 
 def test_export_cli_is_small_and_loads_like_the_workdir(workdir, tmp_path):
     out = str(tmp_path / "export")
-    proc = subprocess.run([sys.executable, "-m", "tpullm.export", f"--workdir={workdir}", "--step=1", f"--out={out}"],
-                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tpullm.export", f"--workdir={workdir}", "--step=1", f"--out={out}"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported, original = load_params(out), load_params(workdir, step=1)
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original), strict=True):
@@ -69,8 +77,14 @@ def test_export_cli_is_small_and_loads_like_the_workdir(workdir, tmp_path):
     logits = model.apply({"params": params}, np.zeros((1, 8), np.int32))
     assert logits.shape == (1, 8, config.model.vocab_size)
 
-    again = subprocess.run([sys.executable, "-m", "tpullm.export", f"--workdir={workdir}", f"--out={out}"], cwd=REPO,
-                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "tpullm.export", f"--workdir={workdir}", f"--out={out}"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode != 0 and "never overwrite" in again.stderr
     with pytest.raises(ValueError, match="single step"):
         load_params(out, step=1)

@@ -15,9 +15,21 @@ NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "load_checkpoint.ipynb
 
 def test_notebook_loads_samples_and_plots(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "tpullm.train", "--config=configs/demo.py:smoke",
-                           f"--workdir={workdir}", "--config.train.sample_tokens=0"], cwd=REPO,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tpullm.train",
+            "--config=configs/demo.py:smoke",
+            f"--workdir={workdir}",
+            "--config.train.sample_tokens=0",
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     matplotlib.use("Agg")  # no display: plt.show() does nothing

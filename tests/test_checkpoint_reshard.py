@@ -12,9 +12,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from multidevice import run_on_devices
 
 from configs import demo
-from multidevice import run_on_devices
 from tpullm import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,8 @@ def mesh_config(ici):
 
 
 def _worker(workdir, out_path):
-    from tpullm.checkpoint import load_params, manager as ckpt
+    from tpullm.checkpoint import load_params
+    from tpullm.checkpoint import manager as ckpt
     from tpullm.training import loop
 
     def build(name):
@@ -46,24 +47,35 @@ def _worker(workdir, out_path):
     written = jax.device_get(state)
 
     # Split over all 8 devices, not replicated: otherwise nothing would be resharded.
-    report = {"written_split_8_ways": sum(x.addressable_shards[0].data.size * 8 == x.size
-                                          for x in jax.tree.leaves(state.params))}
+    report = {
+        "written_split_8_ways": sum(
+            x.addressable_shards[0].data.size * 8 == x.size for x in jax.tree.leaves(state.params)
+        )
+    }
     for name in ("data=2,tensor=4", "one device"):
         _, reader = build(name)
         restored = ckpt.restore(manager, 1, reader.abstract_state)
         report[name] = {
-            "mismatched": [jax.tree_util.keystr(p) for (p, a), b in zip(
-                jax.tree_util.tree_leaves_with_path(written), jax.tree.leaves(jax.device_get(restored)))
-                if not np.array_equal(a, b)],
+            "mismatched": [
+                jax.tree_util.keystr(p)
+                for (p, a), b in zip(
+                    jax.tree_util.tree_leaves_with_path(written), jax.tree.leaves(jax.device_get(restored))
+                )
+                if not np.array_equal(a, b)
+            ],
             "leaves": len(jax.tree.leaves(restored)),
-            "shardings_as_asked": all(r.sharding == s for r, s in zip(
-                jax.tree.leaves(restored), jax.tree.leaves(reader.state_shardings))),
+            "shardings_as_asked": all(
+                r.sharding == s for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(reader.state_shardings))
+            ),
             "devices": sorted({len(r.sharding.device_set) for r in jax.tree.leaves(restored)}),
         }
     params = load_params(workdir)
     report["load_params"] = {
-        "mismatched": [jax.tree_util.keystr(p) for (p, a), b in zip(
-            jax.tree_util.tree_leaves_with_path(written.params), jax.tree.leaves(params)) if not np.array_equal(a, b)],
+        "mismatched": [
+            jax.tree_util.keystr(p)
+            for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(written.params), jax.tree.leaves(params))
+            if not np.array_equal(a, b)
+        ],
         "single_device": all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params)),
     }
     with open(out_path, "w") as f:

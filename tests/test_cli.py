@@ -22,8 +22,7 @@ SMOKE = "--config=configs/demo.py:smoke"
 
 
 def run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(proc, *must_mention):
@@ -43,8 +42,12 @@ def assert_one_line_error(proc, *must_mention):
 
 def test_bad_learning_rate_stops_with_one_line_naming_the_key_and_the_fix(tmp_path):
     proc = run("-m", "tpullm.train", SMOKE, f"--workdir={tmp_path / 'run'}", "--config.optimizer.learning_rate=-1")
-    line = assert_one_line_error(proc, "tpullm.train: error: optimizer.learning_rate=-1.0", "must be > 0",
-                                 "--config.optimizer.learning_rate=0.0003")
+    line = assert_one_line_error(
+        proc,
+        "tpullm.train: error: optimizer.learning_rate=-1.0",
+        "must be > 0",
+        "--config.optimizer.learning_rate=0.0003",
+    )
     assert "data:" not in proc.stdout, proc.stdout  # stopped before reading any data
     assert not os.path.exists(tmp_path / "run" / "config.json"), line
 
@@ -73,15 +76,21 @@ def test_unwritable_output_of_prepare_and_export_fails_in_one_line(tmp_path):
     assert_one_line_error(proc, "tpullm.export: error:", "not writable")
 
 
-@pytest.mark.parametrize("args, must_mention", [
-    (["-m", "tpullm.train", SMOKE, "--workdir=/tmp/x", "--config.train.steps=abc"], ["config.train.steps", "abc"]),
-    (["-m", "tpullm.train", SMOKE, "--workdir=/tmp/x", "--no_such_flag=1"], ["no_such_flag"]),
-    (["-m", "tpullm.train", SMOKE], ["--workdir"]),  # a required flag
-    (["-m", "tpullm.info", "--config=configs/demo.py:nonsense"], ["unknown variant 'nonsense'", "configs/demo.py:"]),
-    (["-m", "tpullm.info", "--config=configs/no_such_file.py"], ["configs/no_such_file.py", "No such file"]),
-    (["-m", "tpullm.sample", "--workdir=/nonexistent/run"], ["/nonexistent/run"]),  # a missing file
-    (["-m", "tpullm.sample", "--workdir=/tmp/x", "stray_argument"], ["stray_argument"]),  # absl's UsageError
-])
+@pytest.mark.parametrize(
+    "args, must_mention",
+    [
+        (["-m", "tpullm.train", SMOKE, "--workdir=/tmp/x", "--config.train.steps=abc"], ["config.train.steps", "abc"]),
+        (["-m", "tpullm.train", SMOKE, "--workdir=/tmp/x", "--no_such_flag=1"], ["no_such_flag"]),
+        (["-m", "tpullm.train", SMOKE], ["--workdir"]),  # a required flag
+        (
+            ["-m", "tpullm.info", "--config=configs/demo.py:nonsense"],
+            ["unknown variant 'nonsense'", "configs/demo.py:"],
+        ),
+        (["-m", "tpullm.info", "--config=configs/no_such_file.py"], ["configs/no_such_file.py", "No such file"]),
+        (["-m", "tpullm.sample", "--workdir=/nonexistent/run"], ["/nonexistent/run"]),  # a missing file
+        (["-m", "tpullm.sample", "--workdir=/tmp/x", "stray_argument"], ["stray_argument"]),  # absl's UsageError
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(args, must_mention):
     assert_one_line_error(run(*args), *must_mention)
 
@@ -96,17 +105,26 @@ def program(body: str) -> str:
     return "from tpullm import cli\n" + textwrap.dedent(body) + "\ncli.run(main)\n"
 
 
-@pytest.mark.parametrize("error, user", [
-    ("UserError('the value is wrong')", True), ("FileNotFoundError('no such file: x')", True),
-    ("PermissionError('not allowed: x')", True), ("ValueError('an internal bug')", False),
-    ("RuntimeError('an internal bug')", False), ("KeyError('an internal bug')", False),
-])
+@pytest.mark.parametrize(
+    "error, user",
+    [
+        ("UserError('the value is wrong')", True),
+        ("FileNotFoundError('no such file: x')", True),
+        ("PermissionError('not allowed: x')", True),
+        ("ValueError('an internal bug')", False),
+        ("RuntimeError('an internal bug')", False),
+        ("KeyError('an internal bug')", False),
+    ],
+)
 def test_only_user_errors_lose_their_traceback(error, user):
-    proc = run("-c", program(f"""
+    proc = run(
+        "-c",
+        program(f"""
         from tpullm.errors import UserError
         def main(argv):
             raise {error}
-        """))
+        """),
+    )
     assert proc.returncode != 0
     if user:
         assert_one_line_error(proc, error.split("'")[1])
@@ -131,19 +149,24 @@ def test_library_logs_are_quiet_unless_verbosity_is_given():
 
 
 def test_warn_prints_one_line_that_stands_out():
-    proc = run("-c", program("""
+    proc = run(
+        "-c",
+        program("""
         from tpullm.errors import warn
         def main(argv):
             print("progress")
             warn("something to look at")
-        """))
+        """),
+    )
     assert proc.stdout == "progress\n" and proc.stderr == "WARNING: something to look at\n"
 
 
 def test_one_line_keeps_the_last_line_and_place_of_a_config_file_traceback():
-    message = ('flag --config=configs/x.py: Error whilst parsing config file:\n\nTraceback (most recent call last):\n'
-               '  File "/lib/config_flags.py", line 684, in parse\n    config = f()\n'
-               '  File "configs/x.py", line 26, in get_config\n    raise ValueError("bad")\nValueError: bad\n')
+    message = (
+        "flag --config=configs/x.py: Error whilst parsing config file:\n\nTraceback (most recent call last):\n"
+        '  File "/lib/config_flags.py", line 684, in parse\n    config = f()\n'
+        '  File "configs/x.py", line 26, in get_config\n    raise ValueError("bad")\nValueError: bad\n'
+    )
     assert cli.one_line(message) == "flag --config=configs/x.py: ValueError: bad (configs/x.py:26)"
     assert cli.one_line("first\n  second") == "first second"
 
@@ -170,27 +193,38 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_a_user_error(tmp_path):
 
 
 def test_compilation_cache_flag_and_off_switch(tmp_path):
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
+    before = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_enable_compilation_cache,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     try:
         assert cli.enable_compilation_cache(str(tmp_path)) == str(tmp_path)
         assert jax.config.jax_compilation_cache_dir == str(tmp_path)
         assert jax.config.jax_persistent_cache_min_compile_time_secs == cli.MIN_CACHED_COMPILE_SECONDS
         assert cli.enable_compilation_cache("none") is None and not jax.config.jax_enable_compilation_cache
     finally:
-        for name, value in zip(("jax_compilation_cache_dir", "jax_enable_compilation_cache",
-                                "jax_persistent_cache_min_compile_time_secs"), before):
+        for name, value in zip(
+            ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs"),
+            before,
+        ):
             jax.config.update(name, value)
 
 
 # ----------------------------------------------------------------------------- sampling parameters
 
 
-@pytest.mark.parametrize("kwargs, must_mention", [
-    (dict(top_p=0.0), "top_p=0.0"), (dict(top_p=-0.5), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(temperature=-1.0), "temperature=-1.0"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=-1), "top_k=-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, must_mention",
+    [
+        (dict(top_p=0.0), "top_p=0.0"),
+        (dict(top_p=-0.5), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-1), "top_k=-1"),
+    ],
+)
 def test_sampling_parameters_that_cannot_work_are_refused(kwargs, must_mention):
     logits = jnp.zeros((1, 8))
     for call in (lambda: sample(jax.random.key(0), logits, **kwargs), lambda: filter_logits(logits, **kwargs)):

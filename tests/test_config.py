@@ -18,21 +18,24 @@ def model(**overrides) -> ModelConfig:
 # ----------------------------------------------------------------------------- ModelConfig
 
 
-@pytest.mark.parametrize("overrides, must_mention", [
-    # grouped-query attention needs num_heads % num_kv_heads == 0: both fields are named
-    (dict(num_heads=6, num_kv_heads=4), ["model.num_heads", "model.num_kv_heads", "6", "4"]),
-    (dict(num_heads=4, num_kv_heads=8), ["model.num_heads", "model.num_kv_heads"]),
-    (dict(norm="batchnorm"), ["model.norm", "batchnorm", "rmsnorm", "layernorm"]),
-    (dict(mlp="relu"), ["model.mlp", "relu"]),
-    (dict(positions="alibi"), ["model.positions", "alibi"]),
-    (dict(remat_policy="some"), ["model.remat_policy", "some"]),
-    (dict(compute_dtype="float64"), ["model.compute_dtype", "float64"]),
-    (dict(embed_dim=30, num_heads=4), ["model.embed_dim", "model.num_heads", "30", "4"]),
-    (dict(num_layers=0), ["model.num_layers"]),
-    (dict(vocab_size=-1), ["model.vocab_size"]),
-    (dict(rope_theta=0.0), ["model.rope_theta"]),
-    (dict(num_kv_heads=-1), ["model.num_kv_heads"]),
-])
+@pytest.mark.parametrize(
+    "overrides, must_mention",
+    [
+        # grouped-query attention needs num_heads % num_kv_heads == 0: both fields are named
+        (dict(num_heads=6, num_kv_heads=4), ["model.num_heads", "model.num_kv_heads", "6", "4"]),
+        (dict(num_heads=4, num_kv_heads=8), ["model.num_heads", "model.num_kv_heads"]),
+        (dict(norm="batchnorm"), ["model.norm", "batchnorm", "rmsnorm", "layernorm"]),
+        (dict(mlp="relu"), ["model.mlp", "relu"]),
+        (dict(positions="alibi"), ["model.positions", "alibi"]),
+        (dict(remat_policy="some"), ["model.remat_policy", "some"]),
+        (dict(compute_dtype="float64"), ["model.compute_dtype", "float64"]),
+        (dict(embed_dim=30, num_heads=4), ["model.embed_dim", "model.num_heads", "30", "4"]),
+        (dict(num_layers=0), ["model.num_layers"]),
+        (dict(vocab_size=-1), ["model.vocab_size"]),
+        (dict(rope_theta=0.0), ["model.rope_theta"]),
+        (dict(num_kv_heads=-1), ["model.num_kv_heads"]),
+    ],
+)
 def test_validate_model_errors_name_the_field(overrides, must_mention):
     cfg = model(**overrides)
     for check in (lambda: validate_model(cfg), cfg.resolve):
@@ -42,10 +45,13 @@ def test_validate_model_errors_name_the_field(overrides, must_mention):
             assert word in str(err.value), (word, str(err.value))
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(embed_dim=12, num_heads=4),  # derived head_dim = 3
-    dict(head_dim=5),  # explicit odd head_dim
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(embed_dim=12, num_heads=4),  # derived head_dim = 3
+        dict(head_dim=5),  # explicit odd head_dim
+    ],
+)
 def test_odd_head_dim_with_rope_names_head_dim(overrides):
     cfg = model(positions="rope", **overrides)
     with pytest.raises(ConfigError) as err:
@@ -149,10 +155,17 @@ def test_warmup_not_smaller_than_steps_fails(warmup):
     validate(c)
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("train", "steps", 0), ("train", "batch_size", 0), ("train", "grad_accum_steps", 0),
-    ("data", "seq_len", -1), ("optimizer", "min_lr_ratio", 1.5), ("data", "val_fraction", 1.0),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "steps", 0),
+        ("train", "batch_size", 0),
+        ("train", "grad_accum_steps", 0),
+        ("data", "seq_len", -1),
+        ("optimizer", "min_lr_ratio", 1.5),
+        ("data", "val_fraction", 1.0),
+    ],
+)
 def test_validate_run_fields(section, key, value):
     c = default_config()
     c[section][key] = value
@@ -167,18 +180,42 @@ def set_key(c, key, value):
     c[leaf] = value
 
 
-@pytest.mark.parametrize("key, value", [
-    ("optimizer.learning_rate", -1.0), ("optimizer.learning_rate", 0.0), ("optimizer.learning_rate", float("nan")),
-    ("optimizer.learning_rate", float("inf")), ("optimizer.b1", 1.0), ("optimizer.b2", -0.1),
-    ("optimizer.eps", 0.0), ("optimizer.weight_decay", -0.1), ("optimizer.grad_clip", -1.0),
-    ("optimizer.warmup_steps", -1), ("optimizer.min_lr_ratio", -0.1), ("optimizer.z_loss", -1e-4),
-    ("train.eval_batches", 0), ("train.keep_checkpoints", 1), ("train.keep_period", -1),
-    ("train.sample_tokens", -1), ("train.sample_top_p", 0.0), ("train.sample_temperature", -0.5),
-    ("train.sample_top_k", -1), ("train.seed", -1), ("train.checkpoint_minutes", -1.0),
-    ("data.seq_len", 0), ("data.max_bytes", -1), ("data.shuffle_window_tokens", -1), ("data.num_workers", -2),
-    ("data.read_threads", 0), ("mesh.max_replicated_share", 1.5), ("mesh.ici.fsdp", 0), ("mesh.dcn.data", -2),
-    ("model.norm_eps", 0.0), ("model.init_std", -0.02),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optimizer.learning_rate", -1.0),
+        ("optimizer.learning_rate", 0.0),
+        ("optimizer.learning_rate", float("nan")),
+        ("optimizer.learning_rate", float("inf")),
+        ("optimizer.b1", 1.0),
+        ("optimizer.b2", -0.1),
+        ("optimizer.eps", 0.0),
+        ("optimizer.weight_decay", -0.1),
+        ("optimizer.grad_clip", -1.0),
+        ("optimizer.warmup_steps", -1),
+        ("optimizer.min_lr_ratio", -0.1),
+        ("optimizer.z_loss", -1e-4),
+        ("train.eval_batches", 0),
+        ("train.keep_checkpoints", 1),
+        ("train.keep_period", -1),
+        ("train.sample_tokens", -1),
+        ("train.sample_top_p", 0.0),
+        ("train.sample_temperature", -0.5),
+        ("train.sample_top_k", -1),
+        ("train.seed", -1),
+        ("train.checkpoint_minutes", -1.0),
+        ("data.seq_len", 0),
+        ("data.max_bytes", -1),
+        ("data.shuffle_window_tokens", -1),
+        ("data.num_workers", -2),
+        ("data.read_threads", 0),
+        ("mesh.max_replicated_share", 1.5),
+        ("mesh.ici.fsdp", 0),
+        ("mesh.dcn.data", -2),
+        ("model.norm_eps", 0.0),
+        ("model.init_std", -0.02),
+    ],
+)
 def test_out_of_range_value_names_the_key_and_a_value_that_works(key, value):
     c = default_config()
     set_key(c, key, value)
@@ -194,12 +231,25 @@ def test_out_of_range_value_names_the_key_and_a_value_that_works(key, value):
         validate(fixed)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("optimizer.b1", 0.0), ("optimizer.grad_clip", 0.0), ("optimizer.weight_decay", 0.0),
-    ("optimizer.warmup_steps", 0), ("optimizer.min_lr_ratio", 1.0), ("optimizer.min_lr_ratio", 0.0),
-    ("train.keep_period", 0), ("train.sample_tokens", 0), ("train.keep_checkpoints", 2), ("data.num_workers", -1),
-    ("data.max_bytes", 0), ("mesh.max_replicated_share", 1.0), ("mesh.ici.fsdp", -1), ("mesh.ici.data", 2),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optimizer.b1", 0.0),
+        ("optimizer.grad_clip", 0.0),
+        ("optimizer.weight_decay", 0.0),
+        ("optimizer.warmup_steps", 0),
+        ("optimizer.min_lr_ratio", 1.0),
+        ("optimizer.min_lr_ratio", 0.0),
+        ("train.keep_period", 0),
+        ("train.sample_tokens", 0),
+        ("train.keep_checkpoints", 2),
+        ("data.num_workers", -1),
+        ("data.max_bytes", 0),
+        ("mesh.max_replicated_share", 1.0),
+        ("mesh.ici.fsdp", -1),
+        ("mesh.ici.data", 2),
+    ],
+)
 def test_values_on_the_edge_of_their_range_are_accepted(key, value):
     c = default_config()
     if key == "mesh.ici.fsdp":
@@ -218,8 +268,13 @@ def test_two_leftover_mesh_degrees_fail():
 def test_every_number_of_a_run_config_has_a_range():
     """A key added to default_config() without a check would let a bad value reach data loading."""
     c = default_config()
-    numbers = [key for key, value in leaves(c) if isinstance(value, (int, float)) and not isinstance(value, bool)
-               and not key.startswith(("model.", "mesh.ici.", "mesh.dcn."))]
+    numbers = [
+        key
+        for key, value in leaves(c)
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not key.startswith(("model.", "mesh.ici.", "mesh.dcn."))
+    ]
     assert numbers and sorted(numbers) == sorted(RUN_BOUNDS)
 
 
@@ -231,11 +286,14 @@ def leaves(node, base=""):
             yield base + k, v
 
 
-@pytest.mark.parametrize("source, must_mention", [
-    (dict(path="/data/web", weight=0.0), "data.sources.web.weight"),
-    (dict(path="/data/web", weight=float("nan")), "data.sources.web.weight"),
-    (dict(weight=1.0), "data.sources.web has no path"),
-])
+@pytest.mark.parametrize(
+    "source, must_mention",
+    [
+        (dict(path="/data/web", weight=0.0), "data.sources.web.weight"),
+        (dict(path="/data/web", weight=float("nan")), "data.sources.web.weight"),
+        (dict(weight=1.0), "data.sources.web has no path"),
+    ],
+)
 def test_mixture_sources_are_checked(source, must_mention):
     c = default_config()
     c.data.sources = {"web": source}
@@ -243,10 +301,15 @@ def test_mixture_sources_are_checked(source, must_mention):
         validate(c)
 
 
-@pytest.mark.parametrize("key, nearest", [
-    ("train.batchsize", "config.train.batch_size"), ("model.num_layerz", "config.model.num_layers"),
-    ("trian.steps", "config.train.steps"), ("mesh.ici.fdsp", "config.mesh.ici.fsdp"),
-])
+@pytest.mark.parametrize(
+    "key, nearest",
+    [
+        ("train.batchsize", "config.train.batch_size"),
+        ("model.num_layerz", "config.model.num_layers"),
+        ("trian.steps", "config.train.steps"),
+        ("mesh.ici.fdsp", "config.mesh.ici.fsdp"),
+    ],
+)
 def test_unknown_key_names_it_and_the_nearest_valid_key(key, nearest):
     msg = unknown_key(default_config(), key)
     assert f"config.{key} is not a config key" in msg and f"did you mean {nearest}" in msg, msg
@@ -280,8 +343,9 @@ def parse(argv):
 
 
 def test_command_line_override_sets_value():
-    config = parse(["prog", "--config.model.num_layers=4", "--config.model.norm=layernorm",
-                    "--config.train.batch_size=32"])
+    config = parse(
+        ["prog", "--config.model.num_layers=4", "--config.model.norm=layernorm", "--config.train.batch_size=32"]
+    )
     assert config.model.num_layers == 4 and isinstance(config.model.num_layers, int)
     assert config.model.norm == "layernorm"
     assert config.train.batch_size == 32
@@ -294,8 +358,9 @@ def test_command_line_override_of_unknown_key_names_it():
     assert "num_layerz" in str(err.value)
 
 
-@pytest.mark.parametrize("arg", ["--config.model.num_layers=abc", "--config.model.num_layers=4.5",
-                                 "--config.model.norm_eps=abc"])
+@pytest.mark.parametrize(
+    "arg", ["--config.model.num_layers=abc", "--config.model.num_layers=4.5", "--config.model.norm_eps=abc"]
+)
 def test_command_line_override_with_wrong_type_fails(arg):
     with pytest.raises(flags.Error) as err:
         parse(["prog", arg])

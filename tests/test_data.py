@@ -5,14 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from tpullm.data import (ByteTokenizer, Document, PackedRows, load_tokenizer,
-                         pack_documents, python_stdlib_files, read_documents, split_train_val,
-                         unigram_entropy)
+from tpullm.data import ByteTokenizer, PackedRows, load_tokenizer, pack_documents, python_stdlib_files, unigram_entropy
+from tpullm.data.sources import Counts, SourceSpec, TextDocuments, iter_texts, open_source, parse_spec, split_indices
+from tpullm.data.synthetic import random_packed_batch
 
 EOS = 2
 
 
 # --- tokenizer ---------------------------------------------------------------------------
+
 
 def test_byte_tokenizer_round_trip_non_ascii():
     tok = load_tokenizer("bytes")
@@ -41,6 +42,7 @@ def test_load_tokenizer_unknown_name():
 
 # --- corpus -------------------------------------------------------------------------------
 
+
 def _write(tmp_path, name, data: bytes):
     path = tmp_path / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,19 +50,25 @@ def _write(tmp_path, name, data: bytes):
     return path
 
 
+def read_documents(corpus: str, max_bytes: int = 0) -> tuple[list[tuple[str, str]], Counts]:
+    """(name, text) of every document of a text corpus, and what reading found."""
+    counts = Counts()
+    return list(iter_texts(parse_spec(corpus, max_bytes=max_bytes), counts)), counts
+
+
 def test_read_documents_counts_broken_and_empty(tmp_path):
     _write(tmp_path, "a.txt", "good text é\n".encode())
     _write(tmp_path, "sub/b.txt", b"bad \xff\xfe bytes\n")
     _write(tmp_path, "sub/deeper/c.txt", b"")
     _write(tmp_path, "d.txt", b"  \n")
-    docs, report = read_documents(str(tmp_path / "**" / "*.txt"))
-    names = [d.name.replace(str(tmp_path), "") for d in docs]
+    docs, counts = read_documents(str(tmp_path / "**" / "*.txt"))
+    names = [name.replace(str(tmp_path), "") for name, _ in docs]
     assert names == ["/a.txt", "/sub/b.txt"]
-    assert docs[0].text == "good text é\n"
-    assert docs[1].text == "bad \ufffd\ufffd bytes\n"
-    assert (report.files, report.documents, report.broken_utf8, report.empty) == (4, 2, 1, 2)
-    assert report.bytes == len("good text é\n".encode()) + len(b"bad \xff\xfe bytes\n") + 3
-    line = str(report)
+    assert docs[0][1] == "good text é\n"
+    assert docs[1][1] == "bad \ufffd\ufffd bytes\n"
+    assert (counts.files, counts.documents, counts.broken_utf8, counts.empty) == (4, 2, 1, 2)
+    assert counts.bytes == len("good text é\n".encode()) + len(b"bad \xff\xfe bytes\n") + 3
+    line = counts.summary("corpus")
     assert "\n" not in line and "2 documents" in line and "1 not valid UTF-8" in line
 
 
@@ -74,9 +82,9 @@ def test_read_documents_missing_glob_names_it(tmp_path):
 def test_read_documents_max_bytes_is_deterministic(tmp_path):
     for i in range(5):
         _write(tmp_path, f"f{i}.txt", b"x" * 100)
-    docs, report = read_documents(str(tmp_path / "*.txt"), max_bytes=250)
-    assert [d.name[-6:] for d in docs] == ["f0.txt", "f1.txt", "f2.txt"]
-    assert report.bytes == 300 and report.files == 3
+    docs, counts = read_documents(str(tmp_path / "*.txt"), max_bytes=250)
+    assert [name[-6:] for name, _ in docs] == ["f0.txt", "f1.txt", "f2.txt"]
+    assert counts.bytes == 300 and counts.files == 3
 
 
 def test_python_stdlib_corpus_exists():
@@ -85,31 +93,38 @@ def test_python_stdlib_corpus_exists():
     parts = {p for f in files for p in f.parts}
     assert not parts & {"site-packages", "test", "tests", "idle_test"}
     assert any(f.name == "argparse.py" for f in files)
-    docs, report = read_documents("python_stdlib", max_bytes=1_200_000)
-    assert report.bytes > 1_000_000 and report.documents == len(docs) > 10
-    assert all(not d.name.startswith("/") for d in docs)  # names relative to the stdlib root
+    source = open_source(parse_spec("python_stdlib", max_bytes=1_200_000), ByteTokenizer())
+    assert source.counts.bytes > 1_000_000 and source.counts.documents == len(source) > 10
+    assert all(not name.startswith("/") for name in source.names)  # names relative to the stdlib root
 
 
-def test_split_train_val_stable_and_disjoint():
-    docs = [Document(name=f"doc{i}.py", text="x") for i in range(1000)]
-    train, val = split_train_val(docs, 0.1)
-    assert len(train) + len(val) == 1000
-    assert {d.name for d in train}.isdisjoint({d.name for d in val})
-    assert 50 < len(val) < 150
-    assert split_train_val(docs, 0.1) == (train, val)
+def named_documents(names: list[str]) -> TextDocuments:
+    return TextDocuments(SourceSpec(name="docs", kind="text", path=""), names, ["x"] * len(names), Counts())
+
+
+def test_split_indices_stable_and_disjoint():
+    names = [f"doc{i}.py" for i in range(1000)]
+    train, val = split_indices(named_documents(names), 0.1)
+    assert train.size + val.size == 1000
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert 50 < val.size < 150
+    again = split_indices(named_documents(names), 0.1)
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
     # A document's side depends on its name only, not on the other documents.
-    train2, val2 = split_train_val(docs[::-1][:500], 0.1)
-    assert {d.name for d in val2} == {d.name for d in val if d in docs[500:]}
-    assert split_train_val(docs, 0.0) == (docs, [])
+    subset = names[::-1][:500]
+    _, val2 = split_indices(named_documents(subset), 0.1)
+    assert {subset[i] for i in val2} == {names[i] for i in val if i >= 500}
+    train0, val0 = split_indices(named_documents(names), 0.0)
+    assert train0.tolist() == list(range(1000)) and val0.size == 0
 
 
-def test_split_train_val_never_leaves_val_empty():
-    docs = [Document(name="a", text="x"), Document(name="b", text="y")]
-    train, val = split_train_val(docs, 1e-9)
-    assert val == [docs[1]] and train == [docs[0]]
+def test_split_indices_never_leaves_val_empty():
+    train, val = split_indices(named_documents(["a", "b"]), 1e-9)
+    assert val.tolist() == [1] and train.tolist() == [0]
 
 
 # --- packing ------------------------------------------------------------------------------
+
 
 def test_pack_documents_layout():
     docs = [[10, 11, 12], [20, 21, 22, 23, 24, 25], [30]]
@@ -157,6 +172,7 @@ def test_pack_documents_exact_fit_has_no_padding():
 
 # --- baseline -----------------------------------------------------------------------------
 
+
 def test_unigram_entropy_uniform_is_log_k():
     k = 37
     docs = [list(range(3, 3 + k)), list(range(3 + k - 1, 2, -1))]
@@ -164,4 +180,27 @@ def test_unigram_entropy_uniform_is_log_k():
     assert unigram_entropy([[5, 5, 5]]) == pytest.approx(0.0)
     # With eos: K symbols once each plus one eos per document, here K+1 equally likely symbols.
     assert unigram_entropy([list(range(3, 3 + k - 1)), [3 + k - 1]], eos_id=EOS) == pytest.approx(
-        -(k / (k + 2)) * math.log(1 / (k + 2)) - (2 / (k + 2)) * math.log(2 / (k + 2)))
+        -(k / (k + 2)) * math.log(1 / (k + 2)) - (2 / (k + 2)) * math.log(2 / (k + 2))
+    )
+
+
+# --- random packed batches ----------------------------------------------------------------------
+
+
+def test_random_packed_batch_is_a_packed_training_batch():
+    batch = random_packed_batch(6, 32, vocab=50, seed=3)
+    assert set(batch) == {"tokens", "targets", "segment_ids", "positions", "loss_mask"}
+    assert all(v.shape == (6, 32) for v in batch.values()) and batch["loss_mask"].dtype == np.float32
+    real = batch["segment_ids"] > 0
+    np.testing.assert_array_equal(batch["loss_mask"], real)
+    assert (batch["tokens"][real] >= 1).all() and (batch["tokens"][real] < 49).all()
+    assert not real[-1].all() and real[:-1].all()  # only the last row has padding
+    assert (batch["segment_ids"].max(axis=1) >= 1).all() and batch["segment_ids"].max() > 1
+    # Positions restart at 0 with each segment and count up inside it.
+    starts = np.diff(batch["segment_ids"], axis=1, prepend=0) != 0
+    assert (batch["positions"][starts & real] == 0).all()
+    inside = ~starts & real
+    assert (batch["positions"][inside] == np.roll(batch["positions"], 1, axis=1)[inside] + 1).all()
+    uneven = random_packed_batch(6, 32, vocab=50, seed=3, uneven_loss_mask=True)
+    assert (uneven["loss_mask"] <= batch["loss_mask"]).all() and uneven["loss_mask"].sum() < batch["loss_mask"].sum()
+    np.testing.assert_array_equal(uneven["tokens"], batch["tokens"])

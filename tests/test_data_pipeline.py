@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tpullm.config import default_config
-from tpullm.data import DataSources, make_pipeline, prepare as prepare_lib
+from tpullm.data import DataSources, make_pipeline
+from tpullm.data import prepare as prepare_lib
 from tpullm.data.mixture import decode_keys
 from tpullm.data.packing import FIELDS
 from tpullm.data.sources import parse_spec
@@ -49,8 +50,12 @@ def collect(pipeline, done, max_steps=3000):
     for _ in range(max_steps):
         batch = next(pipeline)
         valid = batch["document_keys"] >= 0
-        for key, offset, token, target in zip(batch["document_keys"][valid], batch["document_offsets"][valid],
-                                              batch["tokens"][valid], batch["targets"][valid]):
+        for key, offset, token, target in zip(
+            batch["document_keys"][valid],
+            batch["document_offsets"][valid],
+            batch["tokens"][valid],
+            batch["targets"][valid],
+        ):
             assert offset not in pieces[key], "a token was delivered twice"
             pieces[key][offset] = (token, target)
         started.extend(pipeline.last_documents.tolist())
@@ -67,8 +72,12 @@ def complete(got, eos=EOS):
 
 def completed(pieces, epoch=0, source=0, eos=EOS):
     """{doc: pieces} of the documents of `source` whose `epoch` pass was delivered completely."""
-    return {int(d): v for k, v in pieces.items() for s, e, d in [tuple(x[0] for x in decode_keys([k]))]
-            if s == source and e == epoch and complete(v, eos)}
+    return {
+        int(d): v
+        for k, v in pieces.items()
+        for s, e, d in [tuple(x[0] for x in decode_keys([k]))]
+        if s == source and e == epoch and complete(v, eos)
+    }
 
 
 def started_in(started, epoch=0, source=0):
@@ -78,12 +87,20 @@ def started_in(started, epoch=0, source=0):
 
 # --- packing convention ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_batches_follow_the_packing_convention(tmp_path, add_bos):
     write_docs(tmp_path, 30)
     tok = ByteTokenizer()
-    p = make_pipeline(config(str(tmp_path / "*.txt"), add_bos=add_bos), tok, batch_size=4, seed=0,
-                      process_index=0, process_count=1, debug=True)
+    p = make_pipeline(
+        config(str(tmp_path / "*.txt"), add_bos=add_bos),
+        tok,
+        batch_size=4,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        debug=True,
+    )
     ends = 0
     for batch in run(p, 5):
         assert set(batch) == set(FIELDS) | {"document_keys", "document_offsets"}
@@ -116,8 +133,9 @@ def test_every_token_of_every_document_once_in_order_and_targets_are_right(tmp_p
     texts = write_docs(tmp_path, 25)
     tok = ByteTokenizer()
     sources = DataSources(config(str(tmp_path / "*.txt")), tok)
-    p = make_pipeline(config(str(tmp_path / "*.txt")), tok, 4, seed=1, process_index=0, process_count=1,
-                      sources=sources, debug=True)
+    p = make_pipeline(
+        config(str(tmp_path / "*.txt")), tok, 4, seed=1, process_index=0, process_count=1, sources=sources, debug=True
+    )
     n = sources.train_ids[0].size
     pieces, _ = collect(p, lambda pieces, _: len(completed(pieces)) == n)
     epoch0 = completed(pieces)
@@ -131,6 +149,7 @@ def test_every_token_of_every_document_once_in_order_and_targets_are_right(tmp_p
 
 # --- processes and epochs ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_processes_partition_each_epoch_no_document_twice_none_lost(tmp_path, process_count):
     write_docs(tmp_path, 41)
@@ -141,8 +160,9 @@ def test_processes_partition_each_epoch_no_document_twice_none_lost(tmp_path, pr
     seen = collections.Counter()  # document -> times started in epoch 0, over all processes
     shares = []
     for index in range(process_count):
-        p = make_pipeline(c, tok, 2, seed=3, process_index=index, process_count=process_count, sources=sources,
-                          debug=True)
+        p = make_pipeline(
+            c, tok, 2, seed=3, process_index=index, process_count=process_count, sources=sources, debug=True
+        )
         share = sources.train_ids[0][index::process_count].size
         _, started = collect(p, lambda _, started: len(started_in(started)) == share)
         shares.append(set(started_in(started)))
@@ -168,25 +188,32 @@ def test_each_epoch_is_a_new_order_and_the_seed_matters(tmp_path):
 
 # --- checkpointable state -----------------------------------------------------------------------
 
+
 def _mixture_config(tmp_path):
     write_docs(tmp_path / "a", 23, seed=1)
     (tmp_path / "b").mkdir()
     texts = write_docs(tmp_path / "b_raw", 17, seed=2, lengths=(50, 300))
     (tmp_path / "b" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return config(sources={"a": dict(path=str(tmp_path / "a" / "*.txt"), weight=0.3),
-                           "b": dict(path=str(tmp_path / "b" / "*.jsonl"), weight=0.7)})
+    return config(
+        sources={
+            "a": dict(path=str(tmp_path / "a" / "*.txt"), weight=0.3),
+            "b": dict(path=str(tmp_path / "b" / "*.jsonl"), weight=0.7),
+        }
+    )
 
 
-@pytest.mark.parametrize("num_workers,resume_steps", [
-    (0, range(0, 30, 3)), (1, (9,)), pytest.param(2, (1, 7, 22), marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "num_workers,resume_steps", [(0, range(0, 30, 3)), (1, (9,)), pytest.param(2, (1, 7, 22), marks=pytest.mark.slow)]
+)
 def test_resume_from_step_k_sees_the_batches_of_an_uninterrupted_run(tmp_path, num_workers, resume_steps):
     c = _mixture_config(tmp_path)
     tok = ByteTokenizer()
     sources = DataSources(c, tok)
 
     def pipeline():
-        return make_pipeline(c, tok, 3, seed=5, process_index=1, process_count=2, sources=sources,
-                             num_workers=num_workers)
+        return make_pipeline(
+            c, tok, 3, seed=5, process_index=1, process_count=2, sources=sources, num_workers=num_workers
+        )
 
     reference = pipeline()
     batches, epochs = [], []
@@ -202,7 +229,7 @@ def test_resume_from_step_k_sees_the_batches_of_an_uninterrupted_run(tmp_path, n
         resumed = pipeline()
         resumed.set_state(state)
         assert resumed.step == k and resumed.epochs() == (epochs[k - 1] if k else {"a": 0.0, "b": 0.0})
-        for expected in batches[k:k + 8]:
+        for expected in batches[k : k + 8]:
             got = next(resumed)
             for name in FIELDS:
                 np.testing.assert_array_equal(got[name], expected[name])
@@ -266,8 +293,12 @@ def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
     p = make_pipeline(c, ByteTokenizer(), 4, 0, 0, 1)
     run(p, 3)
     manager = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "data"))
-    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.arange(4.0)}),
-                                            data=grain.checkpoint.CheckpointSave(p)))
+    manager.save(
+        3,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"w": np.arange(4.0)}), data=grain.checkpoint.CheckpointSave(p)
+        ),
+    )
     manager.wait_until_finished()
     expected = next(p)
     q = make_pipeline(c, ByteTokenizer(), 4, 0, 0, 1)
@@ -278,12 +309,18 @@ def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
 
 # --- mixtures -------------------------------------------------------------------------------------
 
+
 def test_mixture_delivers_token_shares_by_weight_and_reports_epochs(tmp_path):
     write_docs(tmp_path / "short", 200, seed=1, lengths=(5, 30))
     write_docs(tmp_path / "long", 40, seed=2, lengths=(300, 600))
-    c = config(seq_len=64, val_fraction=0.0,
-               sources={"short": dict(path=str(tmp_path / "short" / "*.txt"), weight=0.25),
-                        "long": dict(path=str(tmp_path / "long" / "*.txt"), weight=0.75)})
+    c = config(
+        seq_len=64,
+        val_fraction=0.0,
+        sources={
+            "short": dict(path=str(tmp_path / "short" / "*.txt"), weight=0.25),
+            "long": dict(path=str(tmp_path / "long" / "*.txt"), weight=0.75),
+        },
+    )
     p = make_pipeline(c, ByteTokenizer(), 4, seed=0, process_index=0, process_count=1, debug=True)
     tokens = collections.Counter()
     starts = collections.Counter()
@@ -298,12 +335,19 @@ def test_mixture_delivers_token_shares_by_weight_and_reports_epochs(tmp_path):
     assert p.accounting.token_shares() == pytest.approx({"long": tokens[0] / total, "short": tokens[1] / total})
     assert p.epochs() == pytest.approx({"long": starts[0] / 40, "short": starts[1] / 200})
     assert p.epochs()["short"] > 1.0  # the small source repeats, as LLaMA's Wikipedia did
-    planned = DataSources(c, ByteTokenizer()).planned_epochs(150 * 4 * 64)
+    # The epochs planned from the weights and each source's estimated size (mean tokens x documents).
+    sources = DataSources(c, ByteTokenizer())
+    weights = {"long": 0.75, "short": 0.25}
+    planned = {
+        name: 150 * 4 * 64 * weights[name] / (sources.mean_tokens(k) * sources.train_ids[k].size)
+        for k, name in enumerate(sources.names)
+    }
     assert planned == pytest.approx(p.epochs(), rel=0.15)
     assert "long: 75." in p.accounting.summary() or "long: 7" in p.accounting.summary()
 
 
 # --- tokenizers and sources -----------------------------------------------------------------------
+
 
 def test_python_stdlib_with_bytes_through_the_pipeline():
     c = default_config().data
@@ -335,11 +379,23 @@ def test_sentencepiece_tokenizer_through_the_pipeline(tmp_path):
 
 def test_prepared_shards_mix_with_text_in_the_pipeline(tmp_path):
     texts = write_docs(tmp_path / "raw", 30, lengths=(40, 100))
-    prepare_lib.prepare([parse_spec(str(tmp_path / "raw" / "*.txt"), name="web")], "bytes", str(tmp_path / "out"),
-                        shards=2, workers=1, filters=prepare_lib.Filters(min_chars=1), log=lambda _: None)
+    prepare_lib.prepare(
+        [parse_spec(str(tmp_path / "raw" / "*.txt"), name="web")],
+        "bytes",
+        str(tmp_path / "out"),
+        shards=2,
+        workers=1,
+        filters=prepare_lib.Filters(min_chars=1),
+        log=lambda _: None,
+    )
     write_docs(tmp_path / "code", 10, seed=4)
-    c = config(val_fraction=0.0, sources={"web": dict(path=str(tmp_path / "out" / "web"), weight=0.5),
-                                          "code": dict(path=str(tmp_path / "code" / "*.txt"), weight=0.5)})
+    c = config(
+        val_fraction=0.0,
+        sources={
+            "web": dict(path=str(tmp_path / "out" / "web"), weight=0.5),
+            "code": dict(path=str(tmp_path / "code" / "*.txt"), weight=0.5),
+        },
+    )
     tok = ByteTokenizer()
     sources = DataSources(c, tok)
     assert "web: 2 ArrayRecord shards, 30 documents" in "\n".join(sources.describe())
@@ -352,14 +408,17 @@ def test_prepared_shards_mix_with_text_in_the_pipeline(tmp_path):
 def test_validation_rows_interleave_the_sources_held_out_documents(tmp_path):
     a = write_docs(tmp_path / "a", 30, seed=1, name="a")
     b = write_docs(tmp_path / "b", 30, seed=2, name="b")
-    c = config(val_fraction=0.3, sources={"a": dict(path=str(tmp_path / "a" / "*.txt")),
-                                          "b": dict(path=str(tmp_path / "b" / "*.txt"))})
+    c = config(
+        val_fraction=0.3,
+        sources={"a": dict(path=str(tmp_path / "a" / "*.txt")), "b": dict(path=str(tmp_path / "b" / "*.txt"))},
+    )
     tok = ByteTokenizer()
     sources = DataSources(c, tok)
-    va, vb = ([texts[int(sources.sources[k].names[i][-7:-4])] for i in sources.val_ids[k]]
-              for k, texts in ((0, a), (1, b)))
+    va, vb = (
+        [texts[int(sources.sources[k].names[i][-7:-4])] for i in sources.val_ids[k]] for k, texts in ((0, a), (1, b))
+    )
     assert va and vb
-    order = [t for pair in zip(va, vb) for t in pair] + va[len(vb):] + vb[len(va):]
+    order = [t for pair in zip(va, vb) for t in pair] + va[len(vb) :] + vb[len(va) :]
     rows = sources.validation_rows(c.seq_len)
     mask = rows.loss_mask.astype(bool)
     np.testing.assert_array_equal(rows.tokens[mask], np.concatenate([tok.encode_array(t) for t in order]))

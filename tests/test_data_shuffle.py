@@ -21,7 +21,7 @@ def test_epoch_shuffle_visits_each_document_once_per_epoch_in_new_orders():
     copy = pickle.loads(pickle.dumps(shuffle))
     assert [copy(j) for j in reversed(range(4 * ids.size))] == stream[::-1]
     other = EpochShuffle(2, ids, seed=1)
-    assert [other(j) for j in range(ids.size)] != stream[:ids.size]  # the seed matters
+    assert [other(j) for j in range(ids.size)] != stream[: ids.size]  # the seed matters
 
 
 def _rows(n=50, window=8, seed=0):
@@ -32,7 +32,7 @@ def test_row_shuffle_permutes_within_windows_only():
     out = list(_rows())
     assert len(out) == 50
     for start in range(0, 50, 8):  # the last window is partial
-        assert sorted(out[start:start + 8]) == list(range(start, min(start + 8, 50)))
+        assert sorted(out[start : start + 8]) == list(range(start, min(start + 8, 50)))
     assert out != list(range(50)) and out != list(_rows(seed=1))
     assert list(_rows(window=1)) == list(range(50))
 

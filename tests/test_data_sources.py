@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from tpullm.data import prepare as prepare_lib
-from tpullm.data.sources import (Counts, TokenShards, detect_kind, iter_texts, open_source, parse_spec,
-                                 specs_from_config, split_indices)
+from tpullm.data.sources import (
+    Counts,
+    TokenShards,
+    detect_kind,
+    iter_texts,
+    open_source,
+    parse_spec,
+    specs_from_config,
+    split_indices,
+)
 from tpullm.data.tokenizer import ByteTokenizer
 
 
@@ -23,6 +31,7 @@ def _texts(spec):
 
 
 # --- sources -------------------------------------------------------------------------------
+
 
 def test_text_glob_counts_broken_and_empty_and_fails_on_missing(tmp_path):
     (tmp_path / "sub").mkdir()
@@ -40,13 +49,20 @@ def test_text_glob_counts_broken_and_empty_and_fails_on_missing(tmp_path):
 
 
 def test_jsonl_counts_every_bad_record_with_its_reason(tmp_path):
-    lines = [json.dumps({"text": "first"}), "{not json", json.dumps({"body": "no text field"}),
-             json.dumps({"text": 7}), json.dumps({"text": "   "}), "", json.dumps(["a list"]),
-             json.dumps({"text": "second"})]
+    lines = [
+        json.dumps({"text": "first"}),
+        "{not json",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": 7}),
+        json.dumps({"text": "   "}),
+        "",
+        json.dumps(["a list"]),
+        json.dumps({"text": "second"}),
+    ]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": "zipped"}) + "\n")
-    (tmp_path / "c.jsonl").write_bytes(json.dumps({"text": "x"}).encode()[:-3] + b"\xff\"}\n")
+    (tmp_path / "c.jsonl").write_bytes(json.dumps({"text": "x"}).encode()[:-3] + b'\xff"}\n')
     spec = parse_spec(str(tmp_path / "*.jsonl*"))
     assert spec.kind == "jsonl" and spec.name == tmp_path.name
     docs, counts = _texts(spec)
@@ -78,15 +94,24 @@ def test_hugging_face_source_is_optional(tmp_path):
 
 
 def test_kinds_names_and_mixture_config(tmp_path):
-    assert [detect_kind(p) for p in ("python_stdlib", "hf:c4", "x/*.jsonl.gz", "x/*.parquet", "s/*.arrayrecord",
-                                     "x/**/*.py")] == ["python_stdlib", "hf", "jsonl", "parquet", "arrayrecord", "text"]
+    assert [
+        detect_kind(p)
+        for p in ("python_stdlib", "hf:c4", "x/*.jsonl.gz", "x/*.parquet", "s/*.arrayrecord", "x/**/*.py")
+    ] == ["python_stdlib", "hf", "jsonl", "parquet", "arrayrecord", "text"]
     assert parse_spec("/data/web/*.jsonl").name == "web" and parse_spec("/data/books.jsonl").name == "books"
-    data = ml_collections.ConfigDict(dict(corpus="python_stdlib", text_field="body", max_bytes=5,
-                                          sources={"zeta": dict(path="a/*.txt", weight=2.0),
-                                                   "alpha": dict(path="b/*.jsonl", field="content")}))
+    data = ml_collections.ConfigDict(
+        dict(
+            corpus="python_stdlib",
+            text_field="body",
+            max_bytes=5,
+            sources={"zeta": dict(path="a/*.txt", weight=2.0), "alpha": dict(path="b/*.jsonl", field="content")},
+        )
+    )
     specs = specs_from_config(data)
     assert [(s.name, s.kind, s.weight, s.field, s.max_bytes) for s in specs] == [
-        ("alpha", "jsonl", 1.0, "content", 5), ("zeta", "text", 2.0, "body", 5)]
+        ("alpha", "jsonl", 1.0, "content", 5),
+        ("zeta", "text", 2.0, "body", 5),
+    ]
     data.sources.zeta.weight = 0.0
     with pytest.raises(ValueError, match="zeta.weight=0.0 must be positive"):
         specs_from_config(data)
@@ -108,6 +133,7 @@ def test_split_is_stable_and_never_leaves_validation_empty(tmp_path):
 
 # --- prepare -------------------------------------------------------------------------------
 
+
 def _write_jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
@@ -126,17 +152,19 @@ def raw(tmp_path):
     return tmp_path, good
 
 
-def test_prepare_drops_duplicates_and_junk_and_reports_why(raw, capsys):
+def test_prepare_drops_duplicates_and_junk_and_reports_why(raw):
     tmp_path, good = raw
     specs = [parse_spec(str(tmp_path / "web.jsonl")), parse_spec(str(tmp_path / "books" / "*.txt"))]
-    results = prepare_lib.prepare(specs, "bytes", str(tmp_path / "out"), shards=3, workers=1)
+    results = prepare_lib.prepare(specs, "bytes", str(tmp_path / "out"), shards=3, workers=1, log=lambda _: None)
     web, books = results
     assert (web.kept, books.kept) == (30, 11)
     assert web.dropped == {"exact duplicates": 1, "shorter than 32 chars": 1, "over 10% non-text chars": 1}
     assert web.read.bad == {"invalid JSON": 1}
     assert books.dropped == {"exact duplicates": 5} and books.read.broken_utf8 == 1
-    out = capsys.readouterr().out
-    assert "kept:    30 documents" in out and "1 exact duplicates" in out and "1 invalid JSON" in out
+    # The manifest keeps the report: what was read, kept and dropped, and why.
+    manifest = json.loads((tmp_path / "out" / "web" / "manifest.json").read_text())
+    assert manifest["documents"] == 30 and manifest["dropped"] == web.dropped
+    assert manifest["read"]["bad"] == {"invalid JSON": 1}
     # The shards hold the kept documents' token ids, round-robin over the shards, in input order.
     source = TokenShards(parse_spec(str(tmp_path / "out" / "web")), ByteTokenizer())
     assert len(source) == 30 and source.manifest["dtype"] == "<u2" and len(source.paths) == 3
@@ -151,8 +179,12 @@ def test_prepare_drops_duplicates_and_junk_and_reports_why(raw, capsys):
 def test_prepare_cli_with_worker_processes_matches_one_process(raw, tmp_path):
     folder, _ = raw
     args = [f"--input=web={folder}/web.jsonl", f"--input={folder}/books/*.txt", "--tokenizer=bytes", "--shards=2"]
-    subprocess.run([sys.executable, "-m", "tpullm.data.prepare", *args, f"--out={tmp_path}/a", "--workers=2"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "tpullm.data.prepare", *args, f"--out={tmp_path}/a", "--workers=2"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     specs = [parse_spec(str(folder / "web.jsonl"), name="web"), parse_spec(str(folder / "books" / "*.txt"))]
     prepare_lib.prepare(specs, "bytes", str(tmp_path / "b"), shards=2, workers=1, log=lambda _: None)
     for name in ("web", "books"):
@@ -163,8 +195,9 @@ def test_prepare_cli_with_worker_processes_matches_one_process(raw, tmp_path):
 
 def test_prepared_shards_refuse_another_tokenizer(raw, tmp_path):
     folder, _ = raw
-    prepare_lib.prepare([parse_spec(str(folder / "web.jsonl"))], "bytes", str(tmp_path / "p"), workers=1,
-                        log=lambda _: None)
+    prepare_lib.prepare(
+        [parse_spec(str(folder / "web.jsonl"))], "bytes", str(tmp_path / "p"), workers=1, log=lambda _: None
+    )
 
     class Other(ByteTokenizer):
         fingerprint = "sentencepiece:0123"

@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 
-from tpullm.data.tokenizer import (ByteTokenizer, SentencePieceTokenizer, load_tokenizer,
-                                   train_sentencepiece)
+from tpullm.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
 
-WORDS = ("def return class import self value print for while if else elif lambda yield with as try "
-         "except raise pass None True False range len list dict tuple").split()
+WORDS = (
+    "def return class import self value print for while if else elif lambda yield with as try "
+    "except raise pass None True False range len list dict tuple"
+).split()
 
 
 def make_texts(n, seed=0):
@@ -50,8 +51,20 @@ TRICKY = "  def f(x):\n\treturn 'héllo wörld ✓ 日本語 🙂'   \n\n\n  x=1
 def test_train_cli_writes_a_model_with_the_specials(corpus_dir, tmp_path):
     out = tmp_path / "cli.model"
     result = subprocess.run(
-        [sys.executable, "-m", "tpullm.data.tokenizer", "train", f"--input={corpus_dir}/*.txt", "--vocab_size=300",
-         "--model_type=unigram", f"--out={out}"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "tpullm.data.tokenizer",
+            "train",
+            f"--input={corpus_dir}/*.txt",
+            "--vocab_size=300",
+            "--model_type=unigram",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "200 documents" in result.stdout and "vocab_size 300" in result.stdout
     tok = load_tokenizer(str(out))
@@ -101,8 +114,17 @@ def test_existing_model_without_pad_pads_with_unk(tmp_path):
     import sentencepiece as spm
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_texts(100)), model_writer=model, vocab_size=100,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_texts(100)),
+        model_writer=model,
+        vocab_size=100,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=False,
+        minloglevel=2,
+    )
     path = tmp_path / "llama_like.model"
     path.write_bytes(model.getvalue())
     tok = load_tokenizer(str(path))

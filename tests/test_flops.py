@@ -5,18 +5,49 @@ import jax
 import pytest
 
 from tpullm.config import ModelConfig
-from tpullm.training.flops import (CPU_PEAK_FLOPS, PEAK_FLOPS_ENV, flops_per_token, mfu, param_counts,
-                                   peak_flops_per_device)
+from tpullm.training import metrics
+from tpullm.training.flops import CPU_PEAK_FLOPS, PEAK_FLOPS_ENV, flops_per_token, param_counts, peak_flops_per_device
 
-LLAMA2_7B = ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, mlp_dim=11008,
-                        mlp="swiglu", norm="rmsnorm", positions="rope", tie_embeddings=False,
-                        max_length=4096)
-GPT2_SMALL = ModelConfig(vocab_size=50257, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                         mlp="gelu", norm="layernorm", norm_bias=True, positions="learned", max_length=1024,
-                         qkv_bias=True, dense_bias=True, tie_embeddings=True)
+LLAMA2_7B = ModelConfig(
+    vocab_size=32000,
+    embed_dim=4096,
+    num_layers=32,
+    num_heads=32,
+    mlp_dim=11008,
+    mlp="swiglu",
+    norm="rmsnorm",
+    positions="rope",
+    tie_embeddings=False,
+    max_length=4096,
+)
+GPT2_SMALL = ModelConfig(
+    vocab_size=50257,
+    embed_dim=768,
+    num_layers=12,
+    num_heads=12,
+    mlp_dim=3072,
+    mlp="gelu",
+    norm="layernorm",
+    norm_bias=True,
+    positions="learned",
+    max_length=1024,
+    qkv_bias=True,
+    dense_bias=True,
+    tie_embeddings=True,
+)
 # Tiny grouped-query model: head_dim 4, 2 query heads sharing 1 key/value head.
-TINY = ModelConfig(vocab_size=10, embed_dim=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
-                   mlp_dim=16, mlp="swiglu", norm="rmsnorm", positions="rope")
+TINY = ModelConfig(
+    vocab_size=10,
+    embed_dim=8,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    mlp_dim=16,
+    mlp="swiglu",
+    norm="rmsnorm",
+    positions="rope",
+)
 
 
 def test_llama2_7b_param_count():
@@ -79,12 +110,21 @@ def device(kind, platform="tpu"):
     return types.SimpleNamespace(device_kind=kind, platform=platform)
 
 
-@pytest.mark.parametrize("kind,peak", [
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
-    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-    ("TPU v3", 123e12 / 2),  # two TensorCores, each its own JAX device
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
-])
+@pytest.mark.parametrize(
+    "kind,peak",
+    [
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5e", 197e12),
+        ("TPU v5p", 459e12),
+        ("TPU v5", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("TPU v6e", 918e12),
+        ("TPU v3", 123e12 / 2),  # two TensorCores, each its own JAX device
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+    ],
+)
 def test_peak_flops_table(kind, peak, monkeypatch):
     monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
     assert peak_flops_per_device(device(kind, "gpu" if "NVIDIA" in kind else "tpu")) == peak
@@ -107,6 +147,14 @@ def test_peak_flops_real_device(monkeypatch):
         assert peak == CPU_PEAK_FLOPS
 
 
-def test_mfu():
-    assert mfu(1000.0, 1e9, 1e13) == pytest.approx(0.1)
-    assert mfu(1000.0, 1e9, None) is None
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None, monkeypatch) -> float | None:
+    """The MFU the training loop reports for one step of `tokens_per_sec` tokens taking one second."""
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    report = metrics.Throughput(int(tokens_per_sec), flops_per_token, peak, total_steps=2, start_step=0).report(1)
+    return report.get("mfu")
+
+
+def test_mfu(monkeypatch):
+    assert mfu(1000.0, 1e9, 1e13, monkeypatch) == pytest.approx(0.1)
+    assert mfu(1000.0, 1e9, None, monkeypatch) is None

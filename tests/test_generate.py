@@ -1,6 +1,7 @@
 """Generation with the KV cache (tpullm/models/kv_cache.py, tpullm/inference/generate.py) against full
 forward passes without a cache, against Hugging Face `generate`, and on a mesh against one device."""
 
+import dataclasses
 import json
 import sys
 
@@ -8,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from multidevice import results_on_devices
+
 from tpullm import models
 from tpullm.errors import UserError
 from tpullm.inference.best_of import best_of
@@ -23,8 +24,15 @@ FAMILIES = {
     "llama": dict(num_kv_heads=2),  # grouped-query attention, RoPE
     "mistral": dict(num_kv_heads=1, sliding_window=5),  # multi-query, a window shorter than the prompts
     "qwen2": dict(num_kv_heads=2, qkv_bias=True, tie_embeddings=True),
-    "gpt2": dict(positions="learned", norm="layernorm", norm_bias=True, mlp="gelu", qkv_bias=True, dense_bias=True,
-                 tie_embeddings=True),
+    "gpt2": dict(
+        positions="learned",
+        norm="layernorm",
+        norm_bias=True,
+        mlp="gelu",
+        qkv_bias=True,
+        dense_bias=True,
+        tie_embeddings=True,
+    ),
     "mixtral": dict(num_kv_heads=2, num_experts=4, experts_per_token=2),
 }
 GREEDY = SamplingParams(temperature=0.0)
@@ -45,10 +53,10 @@ def greedy_without_cache(model, params, prompt, n):
     one length, which causal attention does not let the earlier tokens see, so it compiles once)."""
     forward = jax.jit(lambda ids, last: model.apply({"params": params}, ids)[0, last])
     ids = np.zeros((1, len(prompt) + n), np.int32)
-    ids[0, :len(prompt)] = prompt
+    ids[0, : len(prompt)] = prompt
     for t in range(len(prompt), len(prompt) + n):
         ids[0, t] = int(jnp.argmax(forward(ids, t - 1)))
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -67,19 +75,26 @@ def test_decode_logits_equal_the_full_forward_pass_at_every_position(family):
     tokens = np.array(prompts_of((20, 20), seed=1))
     full = np.asarray(model.apply({"params": params}, tokens))  # [2, 20, vocab]
     prompt = 7
-    logits, variables = model.apply({"params": params}, tokens[:, :prompt], cache="prefill", cache_slots=24,
-                                    mutable=["cache"])
+    logits, variables = model.apply(
+        {"params": params}, tokens[:, :prompt], cache="prefill", cache_slots=24, mutable=["cache"]
+    )
     np.testing.assert_allclose(logits[:, 0], full[:, prompt - 1], atol=1e-5, rtol=1e-5)
     for t in range(prompt, tokens.shape[1]):
-        logits, variables = model.apply({"params": params, **variables}, tokens[:, t:t + 1],
-                                        positions=np.full((2, 1), t), cache="decode", mutable=["cache"])
+        logits, variables = model.apply(
+            {"params": params, **variables},
+            tokens[:, t : t + 1],
+            positions=np.full((2, 1), t),
+            cache="decode",
+            mutable=["cache"],
+        )
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
 
 
 def test_sliding_window_cache_is_a_ring_of_window_slots():
     model, params = tiny("mistral")
-    _, variables = model.apply({"params": params}, jnp.zeros((3, 16), jnp.int32), cache="prefill", cache_slots=5,
-                               mutable=["cache"])
+    _, variables = model.apply(
+        {"params": params}, jnp.zeros((3, 16), jnp.int32), cache="prefill", cache_slots=5, mutable=["cache"]
+    )
     cached = variables["cache"]["layers"]["attention"]["cached_key"]
     assert cached.value.shape == (2, 3, 5, 1, 8)  # [layers, batch, window, kv_heads, head_dim]
     assert cached.names == ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
@@ -127,8 +142,11 @@ def test_seeded_sampling_is_deterministic_and_seeds_differ():
     model, params = tiny("llama")
     prompts = prompts_of((4, 8), seed=5)
     generator = Generator(model, params, max_length=40)
-    draw = lambda seed: [c.tokens for c in generator.generate(  # noqa: E731
-        prompts, 24, SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01, seed=seed))]
+    sampling = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, min_p=0.01)
+
+    def draw(seed):
+        return [c.tokens for c in generator.generate(prompts, 24, dataclasses.replace(sampling, seed=seed))]
+
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
 
@@ -163,8 +181,10 @@ def numpy_filter(logits, temperature, top_k, top_p, min_p):
     return x
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
-    (1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 0, 1.0, 0.1), (0.9, 12, 0.95, 0.05)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, min_p",
+    [(1.0, 5, 1.0, 0.0), (0.7, 0, 0.8, 0.0), (1.3, 0, 1.0, 0.1), (0.9, 12, 0.95, 0.05)],
+)
 def test_filters_equal_a_numpy_reference(temperature, top_k, top_p, min_p):
     logits = np.random.default_rng(6).normal(0, 3, (4, 64)).astype(np.float32)
     ours = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p, min_p))
@@ -195,8 +215,7 @@ def test_bad_requests_are_refused():
 def test_ring_attention_model_is_refused_in_decode():
     model, params = tiny("llama", sequence_attention="ring")
     with pytest.raises(ValueError, match="sequence_attention='all_gather'"):
-        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache="prefill", cache_slots=8,
-                    mutable=["cache"])
+        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache="prefill", cache_slots=8, mutable=["cache"])
 
 
 def test_pipelined_model_generates_like_the_plain_one():
@@ -210,22 +229,32 @@ def test_pipelined_model_generates_like_the_plain_one():
 
 # ----------------------------------------------------------------------------- Hugging Face generate
 
+
 def _hf_greedy(hf_model, prompt, n, eos_id):
     import torch
 
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=0, do_sample=False,
-                                eos_token_id=eos_id, pad_token_id=eos_id, attention_mask=torch.ones(1, len(prompt)))
-    new = out[0, len(prompt):].tolist()
-    return new[:new.index(eos_id)] if eos_id in new else new
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            min_new_tokens=0,
+            do_sample=False,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+            attention_mask=torch.ones(1, len(prompt)),
+        )
+    new = out[0, len(prompt) :].tolist()
+    return new[: new.index(eos_id)] if eos_id in new else new
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "mixtral"])
 def test_greedy_equals_hugging_face_generate(family):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from test_hf_parity import VOCAB as HF_VOCAB, build_hf
+    from test_hf_parity import VOCAB as HF_VOCAB
+    from test_hf_parity import build_hf
     from test_moe_hf import build_hf as build_mixtral
+
     from tpullm.interop import from_hf
 
     hf_model = build_mixtral() if family == "mixtral" else build_hf(family)
@@ -261,14 +290,17 @@ def _mesh_worker(out_path):
     results = {}
     for name, sampling in (("greedy", GREEDY), ("sampled", sampled)):
         ref, ours = single.generate(prompts, 12, sampling), sharded.generate(prompts, 12, sampling)
-        results[name] = {"tokens": [c.tokens for c in ours], "tokens_ref": [c.tokens for c in ref],
-                         "logprob_diff": max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max())
-                                             for a, b in zip(ours, ref))}
+        results[name] = {
+            "tokens": [c.tokens for c in ours],
+            "tokens_ref": [c.tokens for c in ref],
+            "logprob_diff": max(float(np.abs(np.subtract(a.logprobs, b.logprobs)).max()) for a, b in zip(ours, ref)),
+        }
     kernel = sharded.params["layers"]["attention"]["key"]["kernel"]
     results["key_kernel_spec"] = [str(a) for a in kernel.sharding.spec]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-        prefill = jax.jit(lambda p, t: sharded.model.apply({"params": p}, t, cache="prefill", cache_slots=16,
-                                                           mutable=["cache"])[1])
+        prefill = jax.jit(
+            lambda p, t: sharded.model.apply({"params": p}, t, cache="prefill", cache_slots=16, mutable=["cache"])[1]
+        )
         cached = prefill(sharded.params, np.zeros((4, 8), np.int32))["cache"]["layers"]["attention"]["cached_key"]
     results["cache_spec"] = [str(a) for a in cached.value.sharding.spec]  # [layers, batch, slots, kv_heads, hd]
     with open(out_path, "w") as f:

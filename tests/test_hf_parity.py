@@ -19,9 +19,19 @@ from tpullm.interop import SUPPORTED_MODEL_TYPES, config_from_hf, from_hf  # noq
 from tpullm.interop import hf as hf_interop  # noqa: E402
 
 VOCAB, LENGTH, TOL = 128, 24, 1e-4
-LLAMA_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                   rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+LLAMA_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
 
 def llama(**kw):
@@ -38,8 +48,16 @@ def qwen2(**kw):
 
 def gpt2(**kw):
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, initializer_range=0.1,
-        bos_token_id=0, eos_token_id=1, **kw)
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=1,
+        **kw,
+    )
     return transformers.GPT2LMHeadModel, config
 
 
@@ -82,8 +100,11 @@ def converted(request):
     hf_model = build_hf(request.param)
     cfg, params = from_hf(hf_model)
     decoder = models.build(cfg)
-    apply = jax.jit(lambda tokens, segment_ids, positions: decoder.apply(
-        {"params": params}, tokens, segment_ids=segment_ids, positions=positions))
+    apply = jax.jit(
+        lambda tokens, segment_ids, positions: decoder.apply(
+            {"params": params}, tokens, segment_ids=segment_ids, positions=positions
+        )
+    )
     return request.param, hf_model, cfg, apply
 
 
@@ -116,10 +137,47 @@ def test_packed_documents_match_hf_run_alone(converted):
     ours = np.asarray(apply(np.stack(tokens), np.stack(segment_ids), np.stack(positions)))
     worst = 0.0
     for i, (split, (first, second)) in enumerate(zip(splits, docs)):
-        worst = max(worst, np.abs(ours[i, :split] - hf_logits(hf_model, first[None])[0]).max(),
-                    np.abs(ours[i, split:] - hf_logits(hf_model, second[None])[0]).max())
+        worst = max(
+            worst,
+            np.abs(ours[i, :split] - hf_logits(hf_model, first[None])[0]).max(),
+            np.abs(ours[i, split:] - hf_logits(hf_model, second[None])[0]).max(),
+        )
     print(f"{name}: packed max |logit diff| {worst:.2e}")
     assert worst < TOL
+
+
+def test_gpt2_vocabulary_padded_to_128_matches_hf():
+    """GPT-2's 50257 ids (tiny width) in tables of 50304 rows: HF's logits on the real ids, HF's loss,
+    zero padding rows, and without the padding again the unpadded conversion's tables."""
+    import jax
+
+    from tpullm.interop import unpad_vocab
+    from tpullm.training.loss import cross_entropy
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=50257, n_embd=32, n_layer=2, n_head=2, n_positions=64, initializer_range=0.1
+    )
+    config._attn_implementation = "eager"
+    hf_model = transformers.GPT2LMHeadModel(config).to(torch.float32).eval()
+    cfg, params = from_hf(hf_model, vocab_pad_multiple=128)
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (50257, 50304)
+    assert params["token_embed"]["embedding"].shape == (50304, 32)
+    assert not np.asarray(params["token_embed"]["embedding"][50257:]).any()
+    rng = np.random.default_rng(3)
+    tokens, targets = rng.integers(0, 50257, (2, LENGTH)), rng.integers(0, 50257, (2, LENGTH))
+    ours = np.asarray(jax.jit(models.build(cfg).apply)({"params": params}, tokens))
+    ref = hf_logits(hf_model, tokens)
+    assert ours.shape == (2, LENGTH, 50304) and ref.shape == (2, LENGTH, 50257)
+    assert np.abs(ours[..., :50257] - ref).max() < TOL and ref.std() > 0.5
+    assert (ours.argmax(-1) < 50257).all()
+    mask = np.ones(tokens.shape, np.float32)
+    assert float(cross_entropy(ours, targets, mask)[0]) == pytest.approx(
+        float(cross_entropy(ref, targets, mask)[0]), rel=1e-5
+    )
+    _, unpadded = from_hf(hf_model)
+    for a, b in zip(jax.tree.leaves(unpad_vocab(cfg, params)), jax.tree.leaves(unpadded)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_config_mapping():
@@ -132,7 +190,14 @@ def test_config_mapping():
     assert config_from_hf(FAMILIES["qwen2_sliding"][1]).sliding_window == 8
     cfg = config_from_hf(FAMILIES["gpt2"][1])
     assert (cfg.positions, cfg.norm, cfg.norm_bias, cfg.mlp, cfg.mlp_dim, cfg.max_length, cfg.tie_embeddings) == (
-        "learned", "layernorm", True, "gelu", 256, 64, True)
+        "learned",
+        "layernorm",
+        True,
+        "gelu",
+        256,
+        64,
+        True,
+    )
 
 
 def test_unsupported_model_type_is_refused():
@@ -143,13 +208,20 @@ def test_unsupported_model_type_is_refused():
         assert model_type in str(err.value)
 
 
-@pytest.mark.parametrize("family, kw, feature", [
-    (llama, dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type='linear'"),
-    (llama, dict(hidden_act="gelu"), "hidden_act"),
-    (qwen2, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "mix of sliding-window"),
-    (gpt2, dict(activation_function="gelu"), "activation_function"),
-    (gpt2, dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
-])
+@pytest.mark.parametrize(
+    "family, kw, feature",
+    [
+        (
+            llama,
+            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+            "rope_type='linear'",
+        ),
+        (llama, dict(hidden_act="gelu"), "hidden_act"),
+        (qwen2, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "mix of sliding-window"),
+        (gpt2, dict(activation_function="gelu"), "activation_function"),
+        (gpt2, dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+    ],
+)
 def test_unrepresentable_configs_are_refused(family, kw, feature):
     _, config = family(**kw)
     with pytest.raises(ValueError, match=feature):

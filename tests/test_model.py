@@ -23,15 +23,30 @@ L = 16  # sequence length of every model-level test, so each config compiles one
 
 def tiny(**overrides) -> ModelConfig:
     """A 2-layer float32 model small enough to run in milliseconds on CPU."""
-    base = dict(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=64,
-                compute_dtype="float32", param_dtype="float32")
+    base = dict(
+        vocab_size=61,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=64,
+        max_length=64,
+        compute_dtype="float32",
+        param_dtype="float32",
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
 
 LLAMA = tiny()  # rope, swiglu, rmsnorm, untied
-GPT2 = tiny(positions="learned", mlp="gelu", norm="layernorm", norm_bias=True, qkv_bias=True,
-            dense_bias=True, tie_embeddings=True)
+GPT2 = tiny(
+    positions="learned",
+    mlp="gelu",
+    norm="layernorm",
+    norm_bias=True,
+    qkv_bias=True,
+    dense_bias=True,
+    tie_embeddings=True,
+)
 
 
 def flat(tree):
@@ -66,8 +81,9 @@ def random_params(cfg: ModelConfig, std: float = 0.1, seed: int = 0):
 def forward(cfg: ModelConfig):
     """A jitted `(params, tokens, segment_ids, positions) -> logits`, one per config."""
     model = models.build(cfg)
-    return jax.jit(lambda params, tokens, segment_ids, positions: model.apply(
-        {"params": params}, tokens, segment_ids, positions))
+    return jax.jit(
+        lambda params, tokens, segment_ids, positions: model.apply({"params": params}, tokens, segment_ids, positions)
+    )
 
 
 def run(cfg, params, tokens, segment_ids=None, positions=None):
@@ -151,7 +167,11 @@ def test_every_param_has_logical_axes_of_matching_rank(cfg):
     assert tuple(specs["layers/attention/query/kernel"]) == ("layers", "embed", "heads", "head_dim")
     assert tuple(specs["layers/attention/key/kernel"]) == ("layers", "embed", "kv_heads", "head_dim")
     assert leaves["layers/attention/key/kernel"].shape == (
-        cfg.num_layers, cfg.embed_dim, resolved.num_kv_heads, resolved.head_dim)
+        cfg.num_layers,
+        cfg.embed_dim,
+        resolved.num_kv_heads,
+        resolved.head_dim,
+    )
 
 
 def test_tied_embeddings_have_no_lm_head():
@@ -205,8 +225,10 @@ def naive_attention(q, k, v, mask):
 
 def qkv(b=2, l=7, heads=4, kv_heads=4, d=8, seed=0):
     rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32)
-                 for shape in ((b, l, heads, d), (b, l, kv_heads, d), (b, l, kv_heads, d)))
+    return tuple(
+        jnp.asarray(rng.normal(size=shape), jnp.float32)
+        for shape in ((b, l, heads, d), (b, l, kv_heads, d), (b, l, kv_heads, d))
+    )
 
 
 def packed_mask(l=7, window=0):
@@ -282,8 +304,9 @@ def test_gqa_model_equals_mha_model_with_repeated_kv():
 def test_num_kv_heads_equal_to_num_heads_is_mha():
     assert models.build(tiny(num_kv_heads=4)).config == models.build(tiny(num_kv_heads=0)).config
     assert models.build(tiny(num_kv_heads=0)).config.num_kv_heads == 4
-    assert (jax.tree.map(lambda x: x.shape, abstract_params(tiny(num_kv_heads=4)))
-            == jax.tree.map(lambda x: x.shape, abstract_params(tiny())))
+    assert jax.tree.map(lambda x: x.shape, abstract_params(tiny(num_kv_heads=4))) == jax.tree.map(
+        lambda x: x.shape, abstract_params(tiny())
+    )
 
 
 def test_multi_query_attention():
@@ -313,8 +336,11 @@ def rope_scores(q, k, m, n):
 def test_rope_dot_product_depends_only_on_offset():
     rng = np.random.default_rng(0)
     q, k = (jnp.asarray(rng.normal(size=16), jnp.float32) for _ in range(2))
-    pairs = {2: [(3, 1), (10, 8), (100, 98), (1000, 998)], 0: [(0, 0), (7, 7), (500, 500), (9, 9)],
-             -5: [(0, 5), (20, 25), (300, 305), (1, 6)]}
+    pairs = {
+        2: [(3, 1), (10, 8), (100, 98), (1000, 998)],
+        0: [(0, 0), (7, 7), (500, 500), (9, 9)],
+        -5: [(0, 5), (20, 25), (300, 305), (1, 6)],
+    }
     m = jnp.array([p[0] for ps in pairs.values() for p in ps])
     n = jnp.array([p[1] for ps in pairs.values() for p in ps])
     scores = np.asarray(rope_scores(q, k, m, n)).reshape(3, 4)
@@ -342,7 +368,7 @@ def test_rope_matches_hf_rotate_half_reference():
     inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)  # HF LlamaRotaryEmbedding
     freqs = positions[..., None] * inv_freq  # [b, l, d/2]
     emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
-    rotate_half = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    rotate_half = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     ref = x * np.cos(emb) + rotate_half * np.sin(emb)
     out = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), theta)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
@@ -387,9 +413,9 @@ def test_sliding_window_reach_one_layer():
     window, t = 4, 3
     diff = logit_change_per_position(tiny(num_layers=1, sliding_window=window), t)
     assert np.all(diff[:t] <= 1e-6), diff
-    assert np.all(diff[t:t + window] > 1e-5), diff  # t .. t + W - 1 see token t
+    assert np.all(diff[t : t + window] > 1e-5), diff  # t .. t + W - 1 see token t
     assert diff[t + window - 1] > 1e-5, diff
-    assert np.all(diff[t + window:] <= 1e-6), diff  # t + W and beyond do not
+    assert np.all(diff[t + window :] <= 1e-6), diff  # t + W and beyond do not
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])
@@ -399,8 +425,8 @@ def test_sliding_window_reach_grows_with_depth(positions):
     diff = logit_change_per_position(cfg, t)
     reach = t + cfg.num_layers * (window - 1)  # each layer extends the receptive field by W - 1
     assert np.all(diff[:t] <= 1e-6), diff
-    assert np.all(diff[t:reach + 1] > 1e-6), diff
-    assert np.all(diff[reach + 1:] <= 1e-6), diff
+    assert np.all(diff[t : reach + 1] > 1e-6), diff
+    assert np.all(diff[reach + 1 :] <= 1e-6), diff
 
 
 # ----------------------------------------------------------------------------- packed documents
@@ -421,8 +447,7 @@ def test_segment_ids_isolate_documents(positions, window):
     # row 0: [docA | docB] packed; row 1: docB alone (one document from position 0), then filler
     # that causality keeps out of docB's logits.
     tokens = jnp.stack([packed, jnp.concatenate([doc_b, filler[:la]])])
-    out = run(cfg, params, tokens, jnp.stack([segment_ids, jnp.ones(L, jnp.int32)]),
-              jnp.stack([pos, jnp.arange(L)]))
+    out = run(cfg, params, tokens, jnp.stack([segment_ids, jnp.ones(L, jnp.int32)]), jnp.stack([pos, jnp.arange(L)]))
     np.testing.assert_allclose(out[0, la:], out[1, :lb], **TOL)
     # docA is a plain prefix: also equal to docA alone
     alone = run(cfg, params, jnp.stack([jnp.concatenate([doc_a, filler[:lb]])] * 2))
@@ -489,8 +514,9 @@ def loss_and_grad(cfg):
 def test_remat_policies_match_no_remat(policy):
     remat_cfg = dataclasses.replace(LLAMA, remat_policy=policy)
     params = random_params(LLAMA)
-    assert (jax.tree.map(lambda x: x.shape, abstract_params(remat_cfg))
-            == jax.tree.map(lambda x: x.shape, abstract_params(LLAMA)))
+    assert jax.tree.map(lambda x: x.shape, abstract_params(remat_cfg)) == jax.tree.map(
+        lambda x: x.shape, abstract_params(LLAMA)
+    )
     tokens = random_tokens((2, L + 1), LLAMA.vocab_size)
     (loss, logits), grads = loss_and_grad(LLAMA)(params, tokens)
     (r_loss, r_logits), r_grads = loss_and_grad(remat_cfg)(params, tokens)
@@ -506,9 +532,18 @@ def test_remat_policies_match_no_remat(policy):
 
 
 def test_llama2_7b_parameter_count():
-    cfg = ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, mlp_dim=11008,
-                      mlp="swiglu", norm="rmsnorm", positions="rope", tie_embeddings=False,
-                      max_length=4096)
+    cfg = ModelConfig(
+        vocab_size=32000,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        mlp_dim=11008,
+        mlp="swiglu",
+        norm="rmsnorm",
+        positions="rope",
+        tie_embeddings=False,
+        max_length=4096,
+    )
     leaves = jax.tree.leaves(abstract_params(cfg))  # jax.eval_shape on model.init: nothing allocated
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     total = count(leaves)
@@ -519,9 +554,21 @@ def test_llama2_7b_parameter_count():
 
 def test_gpt2_small_parameter_count():
     """GPT-2 small: tied embeddings, learned positions, and every bias (qkv, out, mlp, layernorm)."""
-    cfg = ModelConfig(vocab_size=50257, embed_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, mlp="gelu",
-                      norm="layernorm", norm_bias=True, positions="learned", max_length=1024, qkv_bias=True,
-                      dense_bias=True, tie_embeddings=True)
+    cfg = ModelConfig(
+        vocab_size=50257,
+        embed_dim=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        mlp="gelu",
+        norm="layernorm",
+        norm_bias=True,
+        positions="learned",
+        max_length=1024,
+        qkv_bias=True,
+        dense_bias=True,
+        tie_embeddings=True,
+    )
     params = flat(abstract_params(cfg))
     d, n = 768, 12
     assert params["layers/attention/out/bias"].shape == (n, d)

@@ -13,8 +13,16 @@ from tpullm.config import ConfigError, ModelConfig
 from tpullm.models import moe
 from tpullm.models.transformer import DecoderBlock
 
-CFG = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=2, mlp_dim=48, num_experts=4,
-                  experts_per_token=2, max_length=64)
+CFG = ModelConfig(
+    vocab_size=64,
+    embed_dim=32,
+    num_layers=2,
+    num_heads=2,
+    mlp_dim=48,
+    num_experts=4,
+    experts_per_token=2,
+    max_length=64,
+)
 NO_DROP = 2.0  # capacity_factor = num_experts / k: every expert has a slot for every token of a row
 
 
@@ -38,7 +46,7 @@ def _naive(cfg, params, x):
             logits = v @ p["router"]["kernel"]
             probs = np.exp(logits - logits.max())
             probs /= probs.sum()
-            chosen = np.argsort(-probs, kind="stable")[:cfg.experts_per_token]
+            chosen = np.argsort(-probs, kind="stable")[: cfg.experts_per_token]
             gates = probs[chosen] / (probs[chosen].sum() if cfg.experts_per_token > 1 else 1.0)
             for g, e in zip(gates, chosen):
                 gate, up = v @ p["gate"][e], v @ p["up"][e]
@@ -128,8 +136,7 @@ def test_capacity_groups_split_rows():
     assert float(sown["dropped"]) == 0.0
     # A zero router sends every token to expert 0 (top-1); one slot per expert and group keeps the
     # first token of each group of 4: tokens 0 and 4 of each row of 8.
-    cfg = dataclasses.replace(CFG, experts_per_token=1, moe_dispatch="capacity", capacity_factor=0.01,
-                              moe_group_size=4)
+    cfg = dataclasses.replace(CFG, experts_per_token=1, moe_dispatch="capacity", capacity_factor=0.01, moe_group_size=4)
     x = jax.random.normal(jax.random.key(7), (2, 8, 32))
     _, _, params = _layer(cfg, x)
     y, sown, _ = _layer(cfg, x, params=_zero_router(params))
@@ -222,14 +229,19 @@ def test_train_step_adds_the_weighted_router_losses():
     model = models.build(cfg)
     params = models.init_params(model, jax.random.key(0))
     rng = np.random.default_rng(0)
-    batch = {"tokens": rng.integers(0, 64, (4, 16)), "targets": rng.integers(0, 64, (4, 16)),
-             "segment_ids": np.ones((4, 16), np.int32), "positions": np.broadcast_to(np.arange(16), (4, 16)),
-             "loss_mask": np.ones((4, 16), np.float32)}
+    batch = {
+        "tokens": rng.integers(0, 64, (4, 16)),
+        "targets": rng.integers(0, 64, (4, 16)),
+        "segment_ids": np.ones((4, 16), np.int32),
+        "positions": np.broadcast_to(np.arange(16), (4, 16)),
+        "loss_mask": np.ones((4, 16), np.float32),
+    }
     opt = optax.sgd(0.0)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
     _, m = jax.jit(make_train_step(model, opt, lambda s: 0.0))(state, batch)
-    assert float(m["loss"]) == pytest.approx(float(m["ce"] + 0.1 * m["moe_aux_loss"] + 0.01 * m["moe_z_loss"]),
-                                             rel=1e-6)
+    assert float(m["loss"]) == pytest.approx(
+        float(m["ce"] + 0.1 * m["moe_aux_loss"] + 0.01 * m["moe_z_loss"]), rel=1e-6
+    )
     assert float(m["moe_aux_loss"]) >= 1.0 - 1e-5  # Cauchy-Schwarz-like bound at k renormalized loads
     assert float(m["moe_dropped"]) == 0.0 and "moe_load/3" in m
     _, state_m = model.apply({"params": params}, batch["tokens"], mutable=["intermediates"])
@@ -241,15 +253,47 @@ def test_train_step_adds_the_weighted_router_losses():
     assert np.isfinite(float(m2["moe_aux_loss"])) and float(m2["tokens"]) == 64
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(num_experts=1), "num_experts=1"),
-    (dict(experts_per_token=5), "experts_per_token=5"),
-    (dict(moe_every=3), "moe_every=3"),
-    (dict(moe_dispatch="sorted"), "moe_dispatch"),
-    (dict(capacity_factor=0.0), "capacity_factor"),
-    (dict(moe_group_size=-1), "moe_group_size"),
-    (dict(dense_bias=True), "dense_bias"),
-])
+def test_router_jitter_draws_from_the_train_seed():
+    """The train step keys the jitter from train.seed and the step: the same seed gives the same
+    step, another seed other noise (so another loss), and jitter 0 ignores the seed."""
+    import optax
+
+    from tpullm.training.state import TrainState
+    from tpullm.training.step import make_train_step
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "tokens": rng.integers(0, 64, (4, 16)),
+        "targets": rng.integers(0, 64, (4, 16)),
+        "segment_ids": np.ones((4, 16), np.int32),
+        "positions": np.broadcast_to(np.arange(16), (4, 16)),
+        "loss_mask": np.ones((4, 16), np.float32),
+    }
+    opt = optax.sgd(0.0)
+
+    def loss(jitter, seed):
+        model = models.build(dataclasses.replace(CFG, router_jitter=jitter))
+        params = models.init_params(model, jax.random.key(0))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+        return float(jax.jit(make_train_step(model, opt, lambda s: 0.0, seed=seed))(state, batch)[1]["loss"])
+
+    assert loss(0.5, 1) == loss(0.5, 1)
+    assert loss(0.5, 1) != loss(0.5, 2)
+    assert loss(0.0, 1) == loss(0.0, 2)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(num_experts=1), "num_experts=1"),
+        (dict(experts_per_token=5), "experts_per_token=5"),
+        (dict(moe_every=3), "moe_every=3"),
+        (dict(moe_dispatch="sorted"), "moe_dispatch"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(moe_group_size=-1), "moe_group_size"),
+        (dict(dense_bias=True), "dense_bias"),
+    ],
+)
 def test_bad_moe_configs_name_the_field(change, match):
     with pytest.raises(ConfigError, match=match):
         dataclasses.replace(CFG, **change).resolve()

@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from configs import glam, mixtral_8x7b
-from tpullm import config as config_lib, models
+from tpullm import config as config_lib
+from tpullm import models
 from tpullm.scaling.counting import count_params
 from tpullm.training.flops import flops_per_token, param_counts
 
@@ -41,8 +42,9 @@ def test_glam_counts_match_the_built_module(variant):
     dense = dataclasses.replace(m, num_experts=0)
     per_expert = 3 * m.embed_dim * m.mlp_dim
     moe_layers = m.num_layers // 2  # every other layer
-    assert counts["total"] - param_counts(dense)["total"] == moe_layers * ((m.num_experts - 1) * per_expert
-                                                                          + m.embed_dim * m.num_experts)
+    assert counts["total"] - param_counts(dense)["total"] == moe_layers * (
+        (m.num_experts - 1) * per_expert + m.embed_dim * m.num_experts
+    )
     assert counts["active"] - param_counts(dense)["active"] == moe_layers * (per_expert + m.embed_dim * m.num_experts)
 
 
@@ -53,6 +55,12 @@ def test_dense_counts_have_active_equal_total():
 
 
 def test_info_prints_total_and_active():
-    out = subprocess.run([sys.executable, "-m", "tpullm.info", "--config=configs/mixtral_8x7b.py"], cwd=REPO,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tpullm.info", "--config=configs/mixtral_8x7b.py"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "46,702,792,704" in out and "12,879,925,248" in out and "matches" in out

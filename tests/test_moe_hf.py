@@ -12,9 +12,21 @@ from tpullm import models  # noqa: E402
 from tpullm.interop import config_from_hf, from_hf  # noqa: E402
 
 VOCAB, LENGTH, TOL = 128, 24, 1e-4
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
-             rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
 
 
 def build_hf(**kw):
@@ -71,14 +83,21 @@ def test_packed_documents_match_hf_run_alone(mixtral):
     seg = np.where(np.arange(LENGTH) < split, 1, 2)[None]
     pos = np.concatenate([np.arange(split), np.arange(LENGTH - split)])[None]
     ours = np.asarray(models.build(cfg).apply({"params": params}, row[None], segment_ids=seg, positions=pos))[0]
-    worst = max(np.abs(ours[:split] - hf_logits(hf_model, row[None, :split])[0]).max(),
-                np.abs(ours[split:] - hf_logits(hf_model, row[None, split:])[0]).max())
+    worst = max(
+        np.abs(ours[:split] - hf_logits(hf_model, row[None, :split])[0]).max(),
+        np.abs(ours[split:] - hf_logits(hf_model, row[None, split:])[0]).max(),
+    )
     assert worst < TOL
 
 
 def test_mixtral_config_mapping():
     cfg = config_from_hf(transformers.MixtralConfig(**SHAPE, router_aux_loss_coef=0.02))
     assert (cfg.num_experts, cfg.experts_per_token, cfg.moe_every, cfg.rope_theta, cfg.router_aux_loss) == (
-        4, 2, 1, 1e6, 0.02)
+        4,
+        2,
+        1,
+        1e6,
+        0.02,
+    )
     with pytest.raises(ValueError, match="num_experts_per_tok=1"):
         config_from_hf(transformers.MixtralConfig(**{**SHAPE, "num_experts_per_tok": 1}))

@@ -19,23 +19,39 @@ import sys
 import jax
 import numpy as np
 import pytest
+from multidevice import grad_rel, rel, results_on_devices, step_agreement
 
 from configs import demo
-from multidevice import grad_rel, rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
 from tpullm.parallel import rules
 from tpullm.training import loop
 
-
-STRATEGIES = {"expert=8": {"data": 1, "expert": 8}, "expert=2,fsdp=2,data=2": {"data": 2, "fsdp": 2, "expert": 2},
-              "expert=2,tensor=2,data=2": {"data": 2, "tensor": 2, "expert": 2}}
+STRATEGIES = {
+    "expert=8": {"data": 1, "expert": 8},
+    "expert=2,fsdp=2,data=2": {"data": 2, "fsdp": 2, "expert": 2},
+    "expert=2,tensor=2,data=2": {"data": 2, "tensor": 2, "expert": 2},
+}
 # (dispatch, strategy, how many ways the expert weights split); tensor=2 only for the all-to-all path.
-CASES = [("dropless", "expert=8", 8), ("dropless", "expert=2,fsdp=2,data=2", 4),
-         ("dropless", "expert=2,tensor=2,data=2", 4), ("capacity", "expert=8", 8),
-         ("capacity", "expert=2,fsdp=2,data=2", 4)]
+CASES = [
+    ("dropless", "expert=8", 8),
+    ("dropless", "expert=2,fsdp=2,data=2", 4),
+    ("dropless", "expert=2,tensor=2,data=2", 4),
+    ("capacity", "expert=8", 8),
+    ("capacity", "expert=2,fsdp=2,data=2", 4),
+]
 # 8 experts, top-2; capacity_factor = E / k gives every expert a slot for every token of a row.
-MOE = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128, num_experts=8, experts_per_token=2,
-           capacity_factor=4.0, router_aux_loss=0.1, router_z_loss=0.01)
+MOE = dict(
+    embed_dim=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    mlp_dim=128,
+    num_experts=8,
+    experts_per_token=2,
+    capacity_factor=4.0,
+    router_aux_loss=0.1,
+    router_z_loss=0.01,
+)
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 EXPERT_WEIGHTS = ("up", "gate", "down")
 BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4}
@@ -55,17 +71,26 @@ def hlo_facts(text: str, state) -> dict:
     whole expert weight [E, embed, mlp] or [E, mlp, embed], and the bytes of expert weights one
     device receives (the entry parameters' shapes, in the order of the flattened state)."""
     ops = collections.Counter(re.findall(rf" ({'|'.join(COLLECTIVES)})(?:-start)?\(", text))
-    whole = {f"f32[{MOE['num_experts']},{MOE['embed_dim']},{MOE['mlp_dim']}]",
-             f"f32[{MOE['num_experts']},{MOE['mlp_dim']},{MOE['embed_dim']}]"}
+    whole = {
+        f"f32[{MOE['num_experts']},{MOE['embed_dim']},{MOE['mlp_dim']}]",
+        f"f32[{MOE['num_experts']},{MOE['mlp_dim']},{MOE['embed_dim']}]",
+    }
     gathers = re.findall(r"= (\S+?)(?:\{[\d,]*\})? all-gather(?:-start)?\(", text)
     layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", text).group(1)
     params = re.findall(r"(\w+)\[([\d,]*)\]", layout)
-    paths = [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-    expert_bytes = sum(BYTES[dtype] * int(np.prod([int(v) for v in dims.split(",") if v]))
-                       for path, (dtype, dims) in zip(paths, params)
-                       if path.startswith("params/layers/moe/") and path.split("/")[-1] in EXPERT_WEIGHTS)
-    return {"collectives": dict(ops), "whole_expert_gathers": sum(g in whole for g in gathers),
-            "expert_bytes": expert_bytes}
+    paths = [
+        jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+    ]
+    expert_bytes = sum(
+        BYTES[dtype] * int(np.prod([int(v) for v in dims.split(",") if v]))
+        for path, (dtype, dims) in zip(paths, params)
+        if path.startswith("params/layers/moe/") and path.split("/")[-1] in EXPERT_WEIGHTS
+    )
+    return {
+        "collectives": dict(ops),
+        "whole_expert_gathers": sum(g in whole for g in gathers),
+        "expert_bytes": expert_bytes,
+    }
 
 
 def _run(config, devices, state0=None):
@@ -78,8 +103,9 @@ def _run(config, devices, state0=None):
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg, devices)
     batch_sharding = rules.batch_sharding(setup.mesh)
-    batch = loop.put_batch(random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size),
-                           batch_sharding)
+    batch = loop.put_batch(
+        random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size), batch_sharding
+    )
 
     def loss_fn(params, batch):  # the train step's objective
         sums, _ = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
@@ -89,8 +115,11 @@ def _run(config, devices, state0=None):
         if state0 is None:
             state0 = jax.device_get(setup.init_state(jax.random.key(0)))
         state = jax.device_put(state0, setup.state_shardings)
-        grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(setup.state_shardings.params, batch_sharding),
-                          out_shardings=(None, setup.state_shardings.params))
+        grad_fn = jax.jit(
+            jax.value_and_grad(loss_fn),
+            in_shardings=(setup.state_shardings.params, batch_sharding),
+            out_shardings=(None, setup.state_shardings.params),
+        )
         loss, grads = grad_fn(state.params, batch)
         step = loop.jit_train_step(setup, config).lower(state, batch).compile()
         facts = hlo_facts(step.as_text(), state)
@@ -122,9 +151,11 @@ def _skewed_layer() -> dict:
     with jax.set_mesh(mesh_lib.make_mesh(config.mesh)), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         step = jax.jit(f).lower(params, x).compile()
         value, grads = step(params, x)
-    return {"value_rel": abs(float(value) - float(value0)) / float(value0),
-            "grad_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))),
-            "all_to_all": "all-to-all" in step.as_text()}
+    return {
+        "value_rel": abs(float(value) - float(value0)) / float(value0),
+        "grad_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))),
+        "all_to_all": "all-to-all" in step.as_text(),
+    }
 
 
 def _uneven_experts_error() -> str:
@@ -155,11 +186,15 @@ def _worker(out_path):
         for _, name, _ in [c for c in CASES if c[0] == dispatch]:
             loss, grads, metrics, params, facts, _ = _run(moe_config(STRATEGIES[name], dispatch), None, state0)
             results[f"{dispatch}:{name}"] = {
-                "loss": loss, "loss_rel": abs(loss - loss0) / abs(loss0), "grad_rel": grad_rel(grads, grads0),
+                "loss": loss,
+                "loss_rel": abs(loss - loss0) / abs(loss0),
+                "grad_rel": grad_rel(grads, grads0),
                 **step_agreement(metrics, metrics0, params, params0),
                 "aux_rel": abs(float(metrics["moe_aux_loss"]) - float(metrics0["moe_aux_loss"])),
                 "dropped": float(metrics["moe_dropped"]),
-                "expert_cut": facts0["expert_bytes"] / facts["expert_bytes"], **facts}
+                "expert_cut": facts0["expert_bytes"] / facts["expert_bytes"],
+                **facts,
+            }
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 
@@ -210,8 +245,9 @@ def test_skewed_routing_fills_the_send_buffers(strategies):
 
 
 def test_experts_must_divide_the_expert_degree(strategies):
-    assert "model.num_experts=6 does not split over the mesh's expert degree 4 (6 % 4 = 2)" in \
-        strategies["uneven_error"], strategies["uneven_error"]
+    assert (
+        "model.num_experts=6 does not split over the mesh's expert degree 4 (6 % 4 = 2)" in strategies["uneven_error"]
+    ), strategies["uneven_error"]
 
 
 if __name__ == "__main__":

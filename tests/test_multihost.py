@@ -20,16 +20,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_with_launcher(workdir, processes, devices, steps, extra=()):
-    command = [sys.executable, "-m", "launch.local", f"--num_processes={processes}",
-               f"--devices_per_process={devices}", f"--log_dir={workdir}/logs", "--timeout=500", "--",
-               sys.executable, "-m", "tpullm.train", "--config=configs/demo.py:smoke", f"--workdir={workdir}",
-               f"--config.train.steps={steps}", "--config.train.log_every=1", f"--config.train.eval_every={steps}",
-               f"--config.train.checkpoint_every={steps}", "--config.train.sample_tokens=0",
-               "--config.optimizer.warmup_steps=1", "--config.data.max_bytes=300000", *extra]
-    proc = subprocess.run(command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=600)
-    logs = "".join(open(os.path.join(workdir, "logs", f)).read()[-2000:]
-                   for f in sorted(os.listdir(os.path.join(workdir, "logs"))))
+    command = [
+        sys.executable,
+        "-m",
+        "launch.local",
+        f"--num_processes={processes}",
+        f"--devices_per_process={devices}",
+        f"--log_dir={workdir}/logs",
+        "--timeout=500",
+        "--",
+        sys.executable,
+        "-m",
+        "tpullm.train",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.train.steps={steps}",
+        "--config.train.log_every=1",
+        f"--config.train.eval_every={steps}",
+        f"--config.train.checkpoint_every={steps}",
+        "--config.train.sample_tokens=0",
+        "--config.optimizer.warmup_steps=1",
+        "--config.data.max_bytes=300000",
+        *extra,
+    ]
+    proc = subprocess.run(
+        command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600
+    )
+    logs = "".join(
+        open(os.path.join(workdir, "logs", f)).read()[-2000:] for f in sorted(os.listdir(os.path.join(workdir, "logs")))
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + logs
     return proc.stdout, [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
@@ -47,6 +66,7 @@ def _worker(out_path, steps=4):
     model with data=2 (across the processes) x fsdp=2 x tensor=2; process 0 writes the losses."""
     import flax.linen as nn
     import numpy as np
+
     from configs import demo
     from tpullm import config as config_lib
     from tpullm.training import loop
@@ -64,9 +84,13 @@ def _worker(out_path, steps=4):
         for i in range(steps):
             tokens = np.random.default_rng(i).integers(1, 200, (c.train.batch_size, c.data.seq_len + 1))
             ones = np.ones((c.train.batch_size, c.data.seq_len), np.int32)
-            batch = {"tokens": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
-                     "segment_ids": ones, "positions": np.cumsum(ones, axis=1, dtype=np.int32) - 1,
-                     "loss_mask": ones.astype(np.float32)}
+            batch = {
+                "tokens": tokens[:, :-1].astype(np.int32),
+                "targets": tokens[:, 1:].astype(np.int32),
+                "segment_ids": ones,
+                "positions": np.cumsum(ones, axis=1, dtype=np.int32) - 1,
+                "loss_mask": ones.astype(np.float32),
+            }
             state, metrics = step(state, loop.put_batch(batch, sharding))
             curve.append({k: float(metrics[k]) for k in ("loss", "grad_norm")})
     if jax.process_index() == 0:
@@ -76,11 +100,26 @@ def _worker(out_path, steps=4):
 
 def run_worker(tmp_path, processes, devices):
     out = tmp_path / f"{processes}x{devices}.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.local", f"--num_processes={processes}",
-                           f"--devices_per_process={devices}", f"--log_dir={tmp_path}/logs", "--timeout=300", "--",
-                           sys.executable, __file__, str(out)],
-                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.local",
+            f"--num_processes={processes}",
+            f"--devices_per_process={devices}",
+            f"--log_dir={tmp_path}/logs",
+            "--timeout=300",
+            "--",
+            sys.executable,
+            __file__,
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -113,8 +152,11 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
 def test_process_env_sets_devices_and_coordinator():
     env = local.process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_foo"}, 1, 2, 4, 1234)
     assert env["XLA_FLAGS"] == "--xla_foo --xla_force_host_platform_device_count=4"
-    assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == \
-        ("localhost:1234", "2", "1")
+    assert (env["JAX_COORDINATOR_ADDRESS"], env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == (
+        "localhost:1234",
+        "2",
+        "1",
+    )
 
 
 def test_distributed_settings_from_flags_then_environment():
@@ -135,6 +177,7 @@ def test_distributed_settings_from_flags_then_environment():
 def test_process_rows_on_one_process_is_the_whole_batch():
     from tpullm.config import default_config
     from tpullm.parallel import mesh as mesh_lib
+
     mesh = mesh_lib.make_mesh(default_config().mesh)
     assert distributed.process_rows(rules.batch_sharding(mesh), 16) == slice(0, 16)
     assert jax.process_count() == 1
@@ -142,24 +185,55 @@ def test_process_rows_on_one_process_is_the_whole_batch():
 
 def test_tpu_pod_dry_run_prints_the_commands_for_every_worker():
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.tpu_pod", "--tpu=pod-a", "--zone=us-east5-a", "--project=proj", "--copy",
-         "--setup=pip install -e .[tpu]", "--env=LIBTPU_INIT_ARGS=--xla_tpu_flag", "--dry_run", "--",
-         "python", "-m", "tpullm.train", "--config=configs/llama2_7b.py", "--workdir=gs://bucket/run"],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "launch.tpu_pod",
+            "--tpu=pod-a",
+            "--zone=us-east5-a",
+            "--project=proj",
+            "--copy",
+            "--setup=pip install -e .[tpu]",
+            "--env=LIBTPU_INIT_ARGS=--xla_tpu_flag",
+            "--dry_run",
+            "--",
+            "python",
+            "-m",
+            "tpullm.train",
+            "--config=configs/llama2_7b.py",
+            "--workdir=gs://bucket/run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("git archive")
-    assert all("--worker=all" in line and "--zone=us-east5-a" in line and "--project=proj" in line
-               for line in lines[1:])
+    assert all(
+        "--worker=all" in line and "--zone=us-east5-a" in line and "--project=proj" in line for line in lines[1:]
+    )
     assert "tpu-vm scp" in lines[1] and "tar -xzf" in lines[2] and "pip install -e .[tpu]" in lines[3]
     assert lines[-1].startswith("gcloud compute tpus tpu-vm ssh pod-a ")
-    assert "export LIBTPU_INIT_ARGS=--xla_tpu_flag && python -m tpullm.train --config=configs/llama2_7b.py " \
-           "--workdir=gs://bucket/run" in lines[-1]
+    assert (
+        "export LIBTPU_INIT_ARGS=--xla_tpu_flag && python -m tpullm.train --config=configs/llama2_7b.py "
+        "--workdir=gs://bucket/run" in lines[-1]
+    )
     # Without --copy/--setup: one ssh to every worker.
     assert tpu_pod.commands("p", "z", ["echo", "hi"]) == [
-        ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "p", "--command=cd ~/tpullm && echo hi", "--worker=all",
-         "--zone=z"]]
-
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            "p",
+            "--command=cd ~/tpullm && echo hi",
+            "--worker=all",
+            "--zone=z",
+        ]
+    ]
 
 
 def remote_commands(steps):
@@ -167,13 +241,17 @@ def remote_commands(steps):
     return [arg.split("=", 1)[1] for step in steps for arg in step if arg.startswith("--command=")]
 
 
-@pytest.mark.parametrize("remote_dir, resolved", [
-    ("~/x; echo INJECTED", "{home}/x; echo INJECTED"),
-    ("~/$(echo INJECTED >&2)`echo INJECTED`", "{home}/$(echo INJECTED >&2)`echo INJECTED`"),
-    ("{home}/a b; echo INJECTED", "{home}/a b; echo INJECTED"),
-])
-def test_tpu_pod_remote_dir_is_one_word_on_the_worker_and_tilde_still_means_home(tmp_path, monkeypatch, remote_dir,
-                                                                                 resolved):
+@pytest.mark.parametrize(
+    "remote_dir, resolved",
+    [
+        ("~/x; echo INJECTED", "{home}/x; echo INJECTED"),
+        ("~/$(echo INJECTED >&2)`echo INJECTED`", "{home}/$(echo INJECTED >&2)`echo INJECTED`"),
+        ("{home}/a b; echo INJECTED", "{home}/a b; echo INJECTED"),
+    ],
+)
+def test_tpu_pod_remote_dir_is_one_word_on_the_worker_and_tilde_still_means_home(
+    tmp_path, monkeypatch, remote_dir, resolved
+):
     home = tmp_path / "home"
     home.mkdir()
     (tmp_path / "code").mkdir()
@@ -181,12 +259,19 @@ def test_tpu_pod_remote_dir_is_one_word_on_the_worker_and_tilde_still_means_home
     archive = str(tmp_path / "code.tar.gz")
     subprocess.run(["tar", "-czf", archive, "-C", str(tmp_path / "code"), "marker.txt"], check=True)
     monkeypatch.setattr(tpu_pod, "ARCHIVE", archive)
-    steps = tpu_pod.commands("pod", "zone", ["cat", "marker.txt"], remote_dir=remote_dir.format(home=home),
-                             copy=True, setup="pwd")
+    steps = tpu_pod.commands(
+        "pod", "zone", ["cat", "marker.txt"], remote_dir=remote_dir.format(home=home), copy=True, setup="pwd"
+    )
     outputs = []
     for remote in remote_commands(steps):  # as the worker's login shell would run them
-        proc = subprocess.run(["bash", "-c", remote], cwd=tmp_path, env={**os.environ, "HOME": str(home)},
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", "-c", remote],
+            cwd=tmp_path,
+            env={**os.environ, "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, (remote, proc.stderr)
         assert "INJECTED" not in proc.stdout.replace(resolved.format(home=home), "") + proc.stderr, remote
         outputs.append(proc.stdout)

@@ -98,8 +98,9 @@ def test_gradients_are_clipped_to_global_norm():
     # With eps far above |g|, Adam's first step is -lr * g / (|g| + eps) ~ -lr * g / eps: linear
     # in g rather than scale-free, so the update reveals whether g was clipped before Adam.
     eps = 1e6
-    tx = make_optimizer(opt_cfg(learning_rate=1.0, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                                eps=eps, grad_clip=1.0), 10)
+    tx = make_optimizer(
+        opt_cfg(learning_rate=1.0, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, eps=eps, grad_clip=1.0), 10
+    )
     g = jnp.array([6.0, 8.0])  # global norm 10
     clipped = g / 10.0  # norm 1
     np.testing.assert_allclose(_first_update(tx, {"w": g}), -clipped / eps, rtol=1e-5)
@@ -110,8 +111,9 @@ def test_gradients_are_clipped_to_global_norm():
 
 def test_grad_clip_zero_disables_clipping():
     eps = 1e6
-    tx = make_optimizer(opt_cfg(learning_rate=1.0, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                                eps=eps, grad_clip=0.0), 10)
+    tx = make_optimizer(
+        opt_cfg(learning_rate=1.0, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, eps=eps, grad_clip=0.0), 10
+    )
     g = jnp.array([6.0, 8.0])
     np.testing.assert_allclose(_first_update(tx, {"w": g}), -g / eps, rtol=1e-5)
 

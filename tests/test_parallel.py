@@ -12,14 +12,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+from multidevice import grad_rel, results_on_devices, step_agreement
 
 from configs import demo
-from multidevice import grad_rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
-from tpullm.config import ConfigError
-from tpullm.parallel import guard, mesh as mesh_lib, rules
+from tpullm.config import ConfigError, ModelConfig
+from tpullm.parallel import guard, rules
+from tpullm.parallel import mesh as mesh_lib
 from tpullm.training import loop
-
 
 # name -> (ici degrees, model overrides). tensor=8 needs heads and kv_heads divisible by 8:
 # the demo's 4 query / 2 key-value heads cannot split 8 ways (the guard refuses that mesh).
@@ -47,37 +47,45 @@ def random_batch(batch, length, vocab, seed=0):
     rng = np.random.default_rng(seed)
     segment = np.where(np.arange(length) < length // 3, 1, 2)[None].repeat(batch, 0).astype(np.int32)
     positions = np.where(segment == 1, np.arange(length), np.arange(length) - length // 3).astype(np.int32)
-    return {"tokens": rng.integers(0, vocab, (batch, length), dtype=np.int32),
-            "targets": rng.integers(0, vocab, (batch, length), dtype=np.int32),
-            "segment_ids": segment, "positions": positions,
-            "loss_mask": (rng.random((batch, length)) < np.linspace(0.3, 1.0, batch)[:, None]).astype(np.float32)}
+    return {
+        "tokens": rng.integers(0, vocab, (batch, length), dtype=np.int32),
+        "targets": rng.integers(0, vocab, (batch, length), dtype=np.int32),
+        "segment_ids": segment,
+        "positions": positions,
+        "loss_mask": (rng.random((batch, length)) < np.linspace(0.3, 1.0, batch)[:, None]).astype(np.float32),
+    }
 
 
 def _run_one(config, devices, state0=None, train_step=True):
     """(loss, grads, step metrics, params after one step, param+opt bytes per device, state0);
     without `train_step`, metrics and params are None (one compilation fewer)."""
     import flax.linen as nn
+
     from tpullm.training.loss import cross_entropy
 
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg, devices)
     batch_sharding = rules.batch_sharding(setup.mesh)
-    batch = loop.put_batch(random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size),
-                           batch_sharding)
+    batch = loop.put_batch(
+        random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size), batch_sharding
+    )
 
     def loss_fn(params, batch):
-        logits = setup.model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"])
+        logits = setup.model.apply(
+            {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         if state0 is None:
             state0 = jax.device_get(setup.init_state(jax.random.key(0)))
         state = jax.device_put(state0, setup.state_shardings)
-        per_device = sum(x.addressable_shards[0].data.nbytes
-                         for x in jax.tree.leaves((state.params, state.opt_state)))
-        grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(setup.state_shardings.params, batch_sharding),
-                          out_shardings=(None, setup.state_shardings.params))
+        per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+        grad_fn = jax.jit(
+            jax.value_and_grad(loss_fn),
+            in_shardings=(setup.state_shardings.params, batch_sharding),
+            out_shardings=(None, setup.state_shardings.params),
+        )
         loss, grads = grad_fn(state.params, batch)
         metrics = params = None
         if train_step:
@@ -97,8 +105,9 @@ def _all_reduces_per_layer(config) -> list:
     sharding = rules.batch_sharding(setup.mesh)
     tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32, sharding=sharding)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-        forward = jax.jit(lambda p, t: setup.model.apply({"params": p}, t),
-                          in_shardings=(setup.state_shardings.params, sharding))
+        forward = jax.jit(
+            lambda p, t: setup.model.apply({"params": p}, t), in_shardings=(setup.state_shardings.params, sharding)
+        )
         hlo = forward.lower(setup.abstract_state.params, tokens).compile().as_text()
     bodies = [c for c in hlo.split("\n\n") if not c.startswith("ENTRY")]
     counts = [len(re.findall(r" all-reduce(?:-start)?\(", c)) for c in bodies]
@@ -112,16 +121,23 @@ def _worker(out_path):
     for name, (ici, model) in STRATEGIES.items():
         key = json.dumps(model, sort_keys=True)
         if key not in references:  # the single-device run of this model
-            references[key] = _run_one(strategy_config({"data": 1}, model), jax.devices()[:1],
-                                       train_step=model == STRATEGIES[FULL_STEP][1])
+            references[key] = _run_one(
+                strategy_config({"data": 1}, model), jax.devices()[:1], train_step=model == STRATEGIES[FULL_STEP][1]
+            )
         loss0, grads0, metrics0, params0, bytes0, state0 = references[key]
         # The real train step (clipping, AdamW, donated state) once, on the strategy that uses every axis.
         full_step = name == FULL_STEP
         loss, grads, metrics, params, per_device, _ = _run_one(strategy_config(ici, model), None, state0, full_step)
         grads_rel = grad_rel(grads, grads0)
-        results[name] = {"loss": loss, "loss_ref": loss0, "loss_rel": abs(loss - loss0) / abs(loss0),
-                         "grad_rel": grads_rel, "n_grads": len(grads_rel), "bytes_per_device": per_device,
-                         "bytes_single": bytes0}
+        results[name] = {
+            "loss": loss,
+            "loss_ref": loss0,
+            "loss_rel": abs(loss - loss0) / abs(loss0),
+            "grad_rel": grads_rel,
+            "n_grads": len(grads_rel),
+            "bytes_per_device": per_device,
+            "bytes_single": bytes0,
+        }
         if full_step:
             results[name].update(step_agreement(metrics, metrics0, params, params0))
     results["tensor=8"]["all_reduces_per_layer"] = _all_reduces_per_layer(strategy_config(*STRATEGIES["tensor=8"]))
@@ -167,9 +183,13 @@ def test_sharded_strategies_cut_memory(strategies):
 
 # ---------------------------------------------------------------- in-process: nothing needs 8 devices
 
+
 def test_degrees_that_do_not_divide_show_the_arithmetic():
-    with pytest.raises(ConfigError, match=r"8 devices per slice cannot be split as data=-1 x fsdp=3: the fixed "
-                                          r"degrees multiply to 3, which does not divide 8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"8 devices per slice cannot be split as data=-1 x fsdp=3: the fixed "
+        r"degrees multiply to 3, which does not divide 8",
+    ):
         mesh_lib.resolve_degrees({"data": -1, "fsdp": 3}, 8, "ici")
     with pytest.raises(ConfigError, match=r"data=2 x tensor=2 multiply to 4, but there are 8"):
         mesh_lib.resolve_degrees({"data": 2, "tensor": 2}, 8, "ici")
@@ -182,8 +202,14 @@ def test_degrees_that_do_not_divide_show_the_arithmetic():
 
 def test_default_mesh_is_data_parallel_on_one_device():
     mesh = mesh_lib.make_mesh(config_lib.default_config().mesh)
-    assert dict(mesh.shape) == {"data": jax.device_count(), "stage": 1, "fsdp": 1, "sequence": 1, "tensor": 1,
-                                "expert": 1}
+    assert dict(mesh.shape) == {
+        "data": jax.device_count(),
+        "stage": 1,
+        "fsdp": 1,
+        "sequence": 1,
+        "tensor": 1,
+        "expert": 1,
+    }
 
 
 def test_multi_slice_mesh_puts_dcn_degrees_across_slices():
@@ -211,6 +237,7 @@ def test_multi_slice_mesh_puts_dcn_degrees_across_slices():
 
 def test_fit_spec_drops_axes_that_do_not_divide():
     from jax.sharding import PartitionSpec as P
+
     shape = {"data": 2, "fsdp": 4, "tensor": 8, "stage": 1}
     assert rules.fit_spec(P("stage", "fsdp", "tensor"), (4, 256, 2), shape) == P("stage", "fsdp")
     assert rules.fit_spec(P(("data", "fsdp")), (8, 3), shape) == P(("data", "fsdp"))
@@ -219,6 +246,7 @@ def test_fit_spec_drops_axes_that_do_not_divide():
 
 def _abstract_params(model_overrides):
     from tpullm.models import Decoder
+
     c = demo.get_config()
     c.model.update(model_overrides)
     model = Decoder(config_lib.validate(c))
@@ -258,6 +286,65 @@ def test_guard_refuses_names_missing_from_the_table():
 def test_batch_must_split_over_the_batch_axes():
     with pytest.raises(ConfigError, match=r"batch_size=12 .* data=8 x fsdp=1 x expert=1 = 8 shards"):
         rules.check_batch(12, {**MESH8, "data": 8, "tensor": 1})
+
+
+def test_code_outside_the_table_asks_it_for_mesh_axes():
+    """rules.mesh_axes / degree read the table (or the rules in context), so another table moves
+    what ring attention, expert parallelism and the checks use without touching them."""
+    import flax.linen as nn
+
+    from tpullm.models import ring_attention
+
+    assert rules.mesh_axes("activation_batch") == ("data", "fsdp", "expert")
+    assert rules.mesh_axis("layers") == "stage" and rules.mesh_axes("activation_embed") == ()
+    mesh_shape = {"data": 2, "stage": 1, "fsdp": 4, "sequence": 2, "tensor": 1, "expert": 3}
+    assert rules.degree("activation_batch", mesh_shape) == 24 and rules.degree("activation_length", mesh_shape) == 2
+    assert rules.degree("activation_length") == 1  # no mesh in context
+    with pytest.raises(ValueError, match="exactly one"):
+        rules.mesh_axis("activation_batch")
+    with nn.logical_axis_rules((("activation_length", "tensor"),)):
+        assert rules.mesh_axis(ring_attention.LENGTH) == "tensor"
+    table = (("layers", "data"), *rules.LOGICAL_AXIS_RULES)
+    cfg = ModelConfig(
+        vocab_size=64, embed_dim=32, num_layers=4, num_heads=2, mlp_dim=64, pipeline_stages=2, pipeline_microbatches=2
+    ).resolve()
+    with pytest.raises(ConfigError, match="the mesh's data degree is 4 .*--config.mesh.ici.data=2"):
+        rules.check_pipeline(cfg, 16, 1, {**mesh_shape, "data": 4}, table)
+
+
+NESTED_LOOPS_HLO = """HloModule m
+
+%inner_body (q: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %q = (s32[], f32[2]) parameter(0)
+  %r = f32[2]{0} all-reduce(%y), channel_id=2, to_apply=%add
+  ROOT %t = (s32[], f32[2]) tuple(%i, %r)
+}
+
+%outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %g = f32[4,8]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %w = (s32[], f32[2]) while(%init), condition=%c2, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %t = (s32[], f32[4,8]) tuple(%i, %g)
+}
+
+ENTRY %main (a: f32[2,8]) -> f32[4,8] {
+  %a = f32[2,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %s = (f32[2,8]{1,0}, bf16[4,8]{1,0}) all-gather-start(%a), channel_id=3, dimensions={0}
+  %d = bf16[4,8]{1,0} all-gather-done(%s)
+  ROOT %o = f32[4,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_every_run_of_the_loops_around_them():
+    from tpullm.parallel import collectives
+
+    t = collectives.executed(NESTED_LOOPS_HLO)
+    # 5 outer iterations of a 4x8 f32 gather, plus one async bf16 gather (its -done not counted again).
+    assert (t["all-gather"].runs, t["all-gather"].bytes) == (6, 5 * 4 * 8 * 4 + 2 * 8 * 4)
+    assert (t["all-reduce"].runs, t["all-reduce"].bytes) == (15, 15 * 2 * 4)  # 5 x 3 inner iterations
+    assert t["collective-permute"].runs == 0
 
 
 if __name__ == "__main__":

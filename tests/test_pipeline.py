@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import grad_rel, results_on_devices, step_agreement
 
 from configs import demo
-from multidevice import grad_rel, results_on_devices, step_agreement
 from tpullm import config as config_lib
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.models import Decoder, init_params, pipeline
@@ -29,19 +29,28 @@ TINY = dict(embed_dim=32, num_layers=4, num_heads=2, num_kv_heads=1, mlp_dim=64)
 STRATEGIES = {
     "stage=2": ({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
     "stage=4": ({"stage": 4}, dict(pipeline_stages=4, pipeline_microbatches=4, remat_policy="dots")),
-    "stage=2,repeats=2": ({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=2,
-                                             remat_policy="full")),
+    "stage=2,repeats=2": (
+        {"stage": 2},
+        dict(pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=2, remat_policy="full"),
+    ),
     "stage=2,fsdp=2,data=2": ({"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
 }
 SLOW = {  # 8 layers, and the pipeline combined with the other model-parallel axes
-    "stage=4,repeats=2": ({"stage": 4}, dict(pipeline_stages=4, pipeline_microbatches=4, pipeline_repeats=2,
-                                             num_layers=8)),
+    "stage=4,repeats=2": (
+        {"stage": 4},
+        dict(pipeline_stages=4, pipeline_microbatches=4, pipeline_repeats=2, num_layers=8),
+    ),
     "stage=2,tensor=2,data=2": ({"stage": 2, "tensor": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
     "stage=2,sequence=2,data=2": ({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
-    "stage=2,sequence=2,data=2,ring": ({"stage": 2, "sequence": 2}, dict(pipeline_stages=2, pipeline_microbatches=2,
-                                                                      sequence_attention="ring")),
+    "stage=2,sequence=2,data=2,ring": (
+        {"stage": 2, "sequence": 2},
+        dict(pipeline_stages=2, pipeline_microbatches=2, sequence_attention="ring"),
+    ),
 }
 FULL_STEP = "stage=2,fsdp=2,data=2"
+# Mixtral-tiny: every layer's MLP is 4 experts, top-2, dropless (the all-to-all path under expert=2).
+MIXTRAL_TINY = dict(num_experts=4, experts_per_token=2, router_aux_loss=0.1, router_z_loss=0.01)
+MOE_MESH = ({"stage": 2, "expert": 2}, dict(pipeline_stages=2, pipeline_microbatches=2))
 
 
 def pipe_config(ici=None, model=None):
@@ -65,13 +74,15 @@ def _run(config, devices, train_step):
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg, devices)
     batch_sharding = rules.batch_sharding(setup.mesh)
-    batch = loop.put_batch(random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size),
-                           batch_sharding)
+    batch = loop.put_batch(
+        random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size), batch_sharding
+    )
     natural = lambda tree: pipeline.to_natural_layers(tree, model_cfg)  # noqa: E731
 
     def loss_fn(params, batch):
-        logits = setup.model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"])
+        logits = setup.model.apply(
+            {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
@@ -79,22 +90,124 @@ def _run(config, devices, train_step):
         layers = jax.tree.leaves(state.params["layers"])
         layer_bytes = (sum(x.nbytes for x in layers), sum(x.addressable_shards[0].data.nbytes for x in layers))
         init = natural(jax.device_get(state.params))
-        grad_fn = jax.jit(jax.value_and_grad(loss_fn), in_shardings=(setup.state_shardings.params, batch_sharding),
-                          out_shardings=(None, setup.state_shardings.params))
+        grad_fn = jax.jit(
+            jax.value_and_grad(loss_fn),
+            in_shardings=(setup.state_shardings.params, batch_sharding),
+            out_shardings=(None, setup.state_shardings.params),
+        )
         hlo = grad_fn.lower(state.params, batch).compile().as_text()
         loss, grads = grad_fn(state.params, batch)
         metrics = params = None
         if train_step:
             new_state, metrics = loop.jit_train_step(setup, config)(state, batch)
             metrics, params = jax.device_get((metrics, natural(new_state.params)))
-        collectives = {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
-                       for op in ("collective-permute", "all-gather")}
+        collectives = {
+            op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in ("collective-permute", "all-gather")
+        }
         return float(loss), natural(jax.device_get(grads)), metrics, params, init, layer_bytes, collectives
+
+
+def _moe_reference_loss(model, params, batch, m: int):
+    """The train step's objective for a pipelined MoE model, from the unpipelined model on one device:
+    the batch's cross-entropy plus the weighted router losses, each layer's the mean over the m
+    microbatches (split as the pipeline splits them) weighted by their real tokens."""
+    from tpullm.parallel.microbatches import split_microbatches
+    from tpullm.training.loss import cross_entropy_sums
+
+    ce, aux, z, real = 0.0, [], [], []
+    for i in range(m):
+        mb = {k: split_microbatches(v, m)[i] for k, v in batch.items()}
+        logits, state = model.apply(
+            {"params": params},
+            mb["tokens"],
+            segment_ids=mb["segment_ids"],
+            positions=mb["positions"],
+            mutable=["intermediates"],
+        )
+        ce += cross_entropy_sums(logits, mb["targets"], mb["loss_mask"])[0]
+        sown = state["intermediates"]["layers"]["moe"]
+        aux.append(sown["aux_loss"][0]), z.append(sown["z_loss"][0]), real.append(jnp.sum(mb["segment_ids"] > 0))
+    w = jnp.stack(real) / sum(real)
+    layer_mean = lambda per_mb: jnp.mean(jnp.einsum("m,ml->l", w, jnp.stack(per_mb)))  # noqa: E731
+    cfg = model.config
+    return ce / jnp.sum(batch["loss_mask"]) + cfg.router_aux_loss * layer_mean(aux) + cfg.router_z_loss * layer_mean(z)
+
+
+def _moe_worker():
+    """Mixtral-tiny pipelined on stage=2 x expert=2 x data=2 against the unpipelined model on one device."""
+    import flax.linen as nn
+    from test_parallel import random_batch
+
+    from tpullm.training.step import _train_sums
+
+    ici, pipe = MOE_MESH
+    config = pipe_config(ici, {**MIXTRAL_TINY, **pipe})
+    plain_config = pipe_config({"data": 1}, MIXTRAL_TINY)
+    model_cfg, plain_cfg = config_lib.validate(config), config_lib.validate(plain_config)
+    setup, plain = loop.build(config, model_cfg), loop.build(plain_config, plain_cfg, jax.devices()[:1])
+    host_batch = random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size)
+
+    m = pipe["pipeline_microbatches"]
+    reference = jax.jit(jax.value_and_grad(lambda p, b: _moe_reference_loss(plain.model, p, b, m)))
+    state0 = plain.init_state(jax.random.key(0))
+    loss0, grads0 = jax.device_get(reference(state0.params, host_batch))
+
+    def loss_fn(params, batch):  # the train step's objective
+        sums, _ = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
+        return sums[0] / sums[3]
+
+    batch_sharding = rules.batch_sharding(setup.mesh)
+    batch = loop.put_batch(host_batch, batch_sharding)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+        state = setup.init_state(jax.random.key(0))
+        init = pipeline.to_natural_layers(jax.device_get(state.params), model_cfg)
+        grad_fn = jax.jit(
+            jax.value_and_grad(loss_fn),
+            in_shardings=(setup.state_shardings.params, batch_sharding),
+            out_shardings=(None, setup.state_shardings.params),
+        )
+        hlo = grad_fn.lower(state.params, batch).compile().as_text()
+        loss, grads = grad_fn(state.params, batch)
+        _, metrics = loop.jit_train_step(setup, config)(state, batch)
+    grads = pipeline.to_natural_layers(jax.device_get(grads), model_cfg)
+    return {
+        "loss_rel": abs(float(loss) - float(loss0)) / abs(float(loss0)),
+        "step_loss_rel": abs(float(metrics["loss"]) - float(loss0)) / abs(float(loss0)),
+        "grad_rel": grad_rel(grads, grads0),
+        "init_equal": all(
+            np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(jax.device_get(state0.params)))
+        ),
+        "all_to_all": hlo.count(" all-to-all(") + hlo.count(" all-to-all-start("),
+    }
+
+
+def _gathers_per_step(microbatches: int, once: bool) -> dict:
+    """The compiled train step on stage=2 x fsdp=2 x data=2: all-gathers it runs per step (the HLO's
+    all-gathers times the trip counts of the loops around them) and their bytes per device."""
+    from tpullm.aot import compile_step
+    from tpullm.parallel import collectives
+
+    config = pipe_config(
+        {"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=microbatches, pipeline_gather_once=once)
+    )
+    config.train.batch_size = 16
+    compiled, _, _ = compile_step(config, None)
+    gathers = collectives.executed(compiled.as_text())["all-gather"]
+    return {"runs": gathers.runs, "bytes": gathers.bytes}
 
 
 def _worker(out_path, which):
     """Runs in a subprocess with 8 simulated devices."""
     assert jax.device_count() == 8, jax.devices()
+    if which in ("moe", "fsdp"):
+        result = (
+            _moe_worker()
+            if which == "moe"
+            else {f"{once},{m}": _gathers_per_step(m, once) for once in (True, False) for m in (2, 4)}
+        )
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     strategies = STRATEGIES if which == "default" else SLOW
     results, references = {}, {}
     for name, (ici, model) in strategies.items():
@@ -104,13 +217,17 @@ def _worker(out_path, which):
         if key not in references:  # the unpipelined model on one device
             references[key] = _run(pipe_config({"data": 1}, plain), jax.devices()[:1], train_step=True)
         loss0, grads0, metrics0, params0, init0, _, _ = references[key]
-        loss, grads, metrics, params, init, (total, per_device), collectives = _run(pipe_config(ici, model), None,
-                                                                                    full_step)
-        r = {"loss_rel": abs(loss - loss0) / abs(loss0),
-             "grad_rel": grad_rel(grads, grads0),
-             "init_equal": all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(init0)))
-             and jax.tree.structure(init) == jax.tree.structure(init0),
-             "layer_split": total / per_device, "collectives": collectives}
+        loss, grads, metrics, params, init, (total, per_device), collectives = _run(
+            pipe_config(ici, model), None, full_step
+        )
+        r = {
+            "loss_rel": abs(loss - loss0) / abs(loss0),
+            "grad_rel": grad_rel(grads, grads0),
+            "init_equal": all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(init0)))
+            and jax.tree.structure(init) == jax.tree.structure(init0),
+            "layer_split": total / per_device,
+            "collectives": collectives,
+        }
         if full_step:
             r.update(step_agreement(metrics, metrics0, params, params0))
         results[name] = r
@@ -160,7 +277,31 @@ def test_more_stages_repeats_and_axes(tmp_path_factory):
         _check_equal(r[name], name, ici, model)
 
 
+def test_mixtral_tiny_pipelined_over_experts_matches_one_device(tmp_path_factory):
+    """MoE through the pipeline on stage=2 x expert=2 x data=2: loss (cross-entropy + router losses,
+    each layer's averaged over the microbatches) and every gradient equal the unpipelined model's on
+    one device, the tokens reach their experts by all-to-all inside the stages, and the loop's train
+    step reports the same loss."""
+    r = _results(tmp_path_factory, "moe")
+    assert r["init_equal"]
+    assert r["loss_rel"] < 2e-5 and r["step_loss_rel"] < 2e-5, r
+    worst = max(r["grad_rel"], key=r["grad_rel"].get)
+    assert r["grad_rel"][worst] < 1e-4, f"gradient of {worst} differs by {r['grad_rel'][worst]:.2e}"
+    assert r["all_to_all"] > 0
+
+
+def test_fsdp_weights_are_gathered_once_per_step(tmp_path_factory):
+    """With FSDP the stages' weights are all-gathered before the schedule, not at each of its
+    M + S - 1 iterations: 2 and 4 microbatches (3 and 5 iterations) run the same all-gathers.
+    With pipeline_gather_once=False they are gathered at every iteration, so 4 microbatches gather more."""
+    r = _results(tmp_path_factory, "fsdp")
+    assert r["True,2"]["bytes"] > 0, r
+    assert r["True,2"] == r["True,4"], r
+    assert r["False,4"]["bytes"] > r["False,2"]["bytes"] > r["True,2"]["bytes"], r
+
+
 # ---------------------------------------------------------------- in-process: nothing needs 8 devices
+
 
 @pytest.mark.parametrize("stages, microbatches, repeats", [(3, 4, 2), (4, 4, 1), (2, 5, 3)])
 def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
@@ -169,7 +310,9 @@ def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
     s = pipeline.Schedule(stages, microbatches, repeats)
     weights = jnp.arange(1.0, repeats * stages + 1).reshape(repeats, stages) / 7  # group r*S+s on stage s
     x = jnp.arange(microbatches, dtype=jnp.float32)
-    out, count = pipeline.gpipe(lambda w, c: (2 * c[0] + w, c[1] + 1), weights, (x, jnp.zeros_like(x)), s)
+    (out, count), _ = pipeline.gpipe(
+        lambda w, c, item: ((2 * c[0] + w, c[1] + 1), ()), weights, (x, jnp.zeros_like(x)), s
+    )
     expected = np.asarray(x, np.float64)
     for w in np.asarray(weights, np.float64).reshape(-1):  # the unpipelined order: group 0, 1, ...
         expected = 2 * expected + w
@@ -219,14 +362,54 @@ def test_pipelined_model_on_one_device_and_its_fallback():
     jax.tree.map(np.testing.assert_array_equal, pipeline.to_natural_layers(params, cfg), reference)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
     for batch in (tokens, tokens[:1]):
-        np.testing.assert_allclose(Decoder(cfg).apply({"params": params}, batch),
-                                   Decoder(plain).apply({"params": reference}, batch), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            Decoder(cfg).apply({"params": params}, batch),
+            Decoder(plain).apply({"params": reference}, batch),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("moe", [dict(pipeline_repeats=2), dict(moe_every=2)], ids=["repeats=2", "moe_every=2"])
+def test_pipelined_moe_sows_each_layers_losses_over_its_microbatches(moe):
+    """On one device: same logits as the unpipelined model, and each layer's sown router values are
+    the unpipelined model's per microbatch, averaged weighted by real tokens (one microbatch is half
+    padding); the bubble's slots count nothing. The router rng reaches the layers."""
+    from tpullm.parallel.microbatches import split_microbatches
+
+    cfg = _model(num_experts=4, experts_per_token=2, pipeline_stages=2, pipeline_microbatches=2, **moe)
+    plain = dataclasses.replace(cfg, pipeline_stages=1, pipeline_microbatches=0, pipeline_repeats=1)
+    params = init_params(Decoder(cfg), jax.random.key(3))
+    reference = init_params(Decoder(plain), jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
+    segments = jnp.ones((4, 16), jnp.int32).at[1, 8:].set(0)  # row 1 (microbatch 1) half padding
+    logits, state = Decoder(cfg).apply({"params": params}, tokens, segments, mutable=["intermediates"])
+    np.testing.assert_allclose(
+        logits, Decoder(plain).apply({"params": reference}, tokens, segments), rtol=1e-5, atol=1e-6
+    )
+
+    per_microbatch, real = [], []
+    for t, seg in zip(split_microbatches(tokens, 2), split_microbatches(segments, 2)):
+        _, sown = Decoder(plain).apply({"params": reference}, t, seg, mutable=["intermediates"])
+        per_microbatch.append(sown["intermediates"]["layers"])
+        real.append(float(jnp.sum(seg > 0)))
+    expected = jax.tree.map(lambda a, b: (real[0] * a + real[1] * b) / sum(real), *per_microbatch)
+    assert real[0] != real[1]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state["intermediates"]["layers"], expected
+    )
+
+    jittery = Decoder(dataclasses.replace(cfg, router_jitter=0.5))
+    noisy = [jittery.apply({"params": params}, tokens, segments, rngs={"router": jax.random.key(k)}) for k in (7, 7, 8)]
+    np.testing.assert_array_equal(noisy[0], noisy[1])
+    assert np.abs(np.asarray(noisy[0] - logits)).max() > 0 and np.abs(np.asarray(noisy[0] - noisy[2])).max() > 0
 
 
 def test_repeats_keep_no_copy_of_the_weights_per_iteration():
     """With repeats each iteration gathers the stages' weights for their laps; the backward pass must
     redo that gather rather than keep a copy per iteration (which would make R=2 need more memory
     than R=1, whose weights are the same every iteration). Weights dominate this model's memory."""
+
     def temporaries(repeats):
         cfg = _model(embed_dim=64, mlp_dim=256, pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=repeats)
         model, tokens = Decoder(cfg), jnp.zeros((2, 8), jnp.int32)
@@ -236,18 +419,29 @@ def test_repeats_keep_no_copy_of_the_weights_per_iteration():
     assert temporaries(2) < temporaries(1)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(num_layers=6, pipeline_stages=4, pipeline_microbatches=4),
-     "model.num_layers=6 is not divisible by model.pipeline_stages=4 x model.pipeline_repeats=1 = 4"),
-    (dict(num_layers=4, pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=3),
-     "model.num_layers=4 is not divisible by model.pipeline_stages=2 x model.pipeline_repeats=3 = 6"),
-    (dict(pipeline_stages=4, pipeline_microbatches=2),
-     "model.pipeline_microbatches=2 is smaller than model.pipeline_stages=4: .* = 3/5.* at least 4 microbatches"),
-    (dict(pipeline_repeats=2), "model.pipeline_repeats=2 needs a pipeline"),
-    (dict(pipeline_stages=0), "model.pipeline_stages=0"),
-    (dict(num_experts=4, pipeline_stages=2, pipeline_microbatches=2),
-     "model.pipeline_microbatches=2 with model.num_experts=4: the router losses"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(num_layers=6, pipeline_stages=4, pipeline_microbatches=4),
+            "model.num_layers=6 is not divisible by model.pipeline_stages=4 x model.pipeline_repeats=1 = 4",
+        ),
+        (
+            dict(num_layers=4, pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=3),
+            "model.num_layers=4 is not divisible by model.pipeline_stages=2 x model.pipeline_repeats=3 = 6",
+        ),
+        (
+            dict(pipeline_stages=4, pipeline_microbatches=2),
+            "model.pipeline_microbatches=2 is smaller than model.pipeline_stages=4: .* = 3/5.* at least 4 microbatches",
+        ),
+        (dict(pipeline_repeats=2), "model.pipeline_repeats=2 needs a pipeline"),
+        (dict(pipeline_stages=0), "model.pipeline_stages=0"),
+        (
+            dict(num_experts=4, moe_every=2, num_layers=6, pipeline_stages=2, pipeline_microbatches=2),
+            "model.num_layers=6 is not divisible by .* x model.moe_every=2 = 4",
+        ),
+    ],
+)
 def test_pipeline_config_errors_show_the_arithmetic(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.validate_model(dataclasses.replace(ModelConfig(), **overrides))
@@ -256,21 +450,30 @@ def test_pipeline_config_errors_show_the_arithmetic(overrides, message):
 def test_batch_must_split_into_pipeline_microbatches():
     c = pipe_config({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=4))
     c.train.update(batch_size=12, grad_accum_steps=2)
-    with pytest.raises(ConfigError, match=r"train.batch_size=12 / train.grad_accum_steps=2 = 6 sequences per step "
-                                          r"is not divisible by model.pipeline_microbatches=4.* multiple of .* = 8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.batch_size=12 / train.grad_accum_steps=2 = 6 sequences per step "
+        r"is not divisible by model.pipeline_microbatches=4.* multiple of .* = 8",
+    ):
         config_lib.validate(c)
 
 
 def test_mesh_must_match_the_stages_and_microbatches_split_over_batch_axes():
     cfg = _model(pipeline_stages=4, pipeline_microbatches=4)
     mesh = {"data": 2, "stage": 2, "fsdp": 2, "sequence": 1, "tensor": 1, "expert": 1}
-    with pytest.raises(ConfigError, match=r"model.pipeline_stages=4 but the mesh's stage degree is 2.*"
-                                          r"--config.mesh.ici.stage=4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.pipeline_stages=4 but the mesh's stage degree is 2.*"
+        r"--config.mesh.ici.stage=4",
+    ):
         rules.check_pipeline(cfg, 16, 1, mesh)
     mesh["stage"] = 4
-    with pytest.raises(ConfigError, match=r"16 / \(2 x 4\) = 2 sequences does not split over the batch axes "
-                                          r"data=2 x fsdp=2 x expert=1 = 4 shards; make train.batch_size a "
-                                          r"multiple of 32"):
+    with pytest.raises(
+        ConfigError,
+        match=r"16 / \(2 x 4\) = 2 sequences does not split over the batch axes "
+        r"data=2 x fsdp=2 x expert=1 = 4 shards; make train.batch_size a "
+        r"multiple of 32",
+    ):
         rules.check_pipeline(cfg, 16, 2, mesh)
     rules.check_pipeline(cfg, 32, 2, mesh)
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from tpullm.checkpoint import load, lock, manager as ckpt, resume
+from tpullm.checkpoint import load, lock, resume
+from tpullm.checkpoint import manager as ckpt
 from tpullm.config import ConfigError
 from tpullm.training import loop, validation
 
@@ -60,14 +61,22 @@ def test_profile_steps_write_a_trace(finished):
 
 # ----- damaged checkpoints ---------------------------------------------------------------------
 
+
 def _state(step):
-    return {"step": np.int32(step), "w": jax.random.normal(jax.random.key(step), (64, 256)),
-            "b": jax.numpy.arange(8.0) + step}
+    return {
+        "step": np.int32(step),
+        "w": jax.random.normal(jax.random.key(step), (64, 256)),
+        "b": jax.numpy.arange(8.0) + step,
+    }
 
 
 def _abstract():
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=jax.sharding.SingleDeviceSharding(
-        jax.devices()[0])), _state(0))
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+            np.shape(a), a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ),
+        _state(0),
+    )
 
 
 @pytest.mark.parametrize("damage", ["random_bytes", "readable_wrong_bytes"])
@@ -118,8 +127,16 @@ def test_damaged_newest_step_in_a_run_resumes_from_the_previous(workdir):
 
 # ----- a changed config --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change", [dict(train=dict(batch_size=4)), dict(model=dict(num_layers=3)),
-                                    dict(model=dict(rope_theta=500.0)), dict(model=dict(norm="layernorm"))])
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(train=dict(batch_size=4)),
+        dict(model=dict(num_layers=3)),
+        dict(model=dict(rope_theta=500.0)),
+        dict(model=dict(norm="layernorm")),
+    ],
+)
 def test_resuming_with_a_changed_model_or_data_layout_is_refused_and_touches_nothing(workdir, change):
     before = {p: open(os.path.join(workdir, p), "rb").read() for p in ("config.json",)}
     c = smoke()
@@ -166,13 +183,19 @@ def test_an_allowed_batch_size_change_skips_the_rows_already_consumed(workdir, c
 
 # ----- one run per workdir -----------------------------------------------------------------------
 
-HOLD = ("import sys, time; from tpullm.checkpoint import lock\n"
-        "with lock.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
+HOLD = (
+    "import sys, time; from tpullm.checkpoint import lock\n"
+    "with lock.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"
+)
 
 
 def _holder(workdir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, workdir], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, workdir],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -209,27 +232,33 @@ def test_a_lock_from_another_host_is_live_until_its_heartbeat_is_old():
 
 # ----- divergence --------------------------------------------------------------------------------
 
+
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(workdir):
     c = smoke(steps=40)
     c.optimizer.learning_rate = 1e30
     with pytest.raises(loop.TrainingDiverged, match="newest checkpoint, step 20, is kept"):
         loop.train(c, workdir)
     assert steps_on_disk(workdir) == [10, 20]
-    _, restored = resume.restore_newest(ckpt.make_manager(workdir), {"params": load._abstract_params(c)},
-                                        restore_fn=load._restore_params)
+    _, restored = resume.restore_newest(
+        ckpt.make_manager(workdir), {"params": load._abstract_params(c)}, restore_fn=load._restore_params
+    )
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
 
 
 # ----- validation --------------------------------------------------------------------------------
 
+
 def _rows(n, length=16, vocab=50, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.ones((n, length), np.float32)
-    mask[-1, length // 2:] = 0  # a last row with padding, as packing makes
-    return {"tokens": rng.integers(1, vocab, (n, length), dtype=np.int32),
-            "targets": rng.integers(1, vocab, (n, length), dtype=np.int32),
-            "segment_ids": np.ones((n, length), np.int32),
-            "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1)), "loss_mask": mask}
+    mask[-1, length // 2 :] = 0  # a last row with padding, as packing makes
+    return {
+        "tokens": rng.integers(1, vocab, (n, length), dtype=np.int32),
+        "targets": rng.integers(1, vocab, (n, length), dtype=np.int32),
+        "segment_ids": np.ones((n, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1)),
+        "loss_mask": mask,
+    }
 
 
 @pytest.mark.parametrize("n_rows,batch_size", [(3, 8), (11, 4), (8, 8)])
@@ -243,8 +272,9 @@ def test_validation_counts_every_row_once_whatever_the_batch(n_rows, batch_size)
         return np.array([ce.sum(), ce.sum(), 0.0, batch["loss_mask"].sum(), correct.sum()])
 
     result = validation.evaluate(eval_step, None, rows, batch_size, put=lambda b: b)
-    expected = ((np.log(np.exp(log_probs).sum()) - log_probs[rows["targets"]]) * rows["loss_mask"]).sum() \
-        / rows["loss_mask"].sum()
+    expected = ((np.log(np.exp(log_probs).sum()) - log_probs[rows["targets"]]) * rows["loss_mask"]).sum() / rows[
+        "loss_mask"
+    ].sum()
     np.testing.assert_allclose(result["val_loss"], expected, rtol=1e-12)
     assert result["val_loss"] > 0
 
@@ -258,6 +288,7 @@ def test_too_little_validation_data():
 
 
 # ----- read-only commands fall back like training -------------------------------------------------
+
 
 def test_sample_and_export_fall_back_past_a_damaged_newest_step_without_moving_it(workdir, tmp_path, capsys):
     expected = load.load_params(workdir, step=10, log=lambda m: None)
@@ -276,5 +307,6 @@ def test_sample_and_export_fall_back_past_a_damaged_newest_step_without_moving_i
     assert messages == [f"loaded the params of step 10 from {workdir}"]
     assert steps_on_disk(workdir) == [10, 20]
     from tpullm.export import export
+
     out = export(workdir, str(tmp_path / "export"))
     jax.tree.map(np.testing.assert_array_equal, load.load_params(out), expected)

@@ -41,10 +41,26 @@ def _worker(out_dir):
 
 
 def test_two_processes_agree_on_saves_and_the_preemption_step_with_few_collectives(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes=2", "--devices_per_process=1",
-                           f"--log_dir={tmp_path}/logs", "--timeout=200", "--", sys.executable, __file__,
-                           str(tmp_path)], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.local",
+            "--num_processes=2",
+            "--devices_per_process=1",
+            f"--log_dir={tmp_path}/logs",
+            "--timeout=200",
+            "--",
+            sys.executable,
+            __file__,
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
     a, b = (r["decisions"] for r in results)

@@ -27,8 +27,18 @@ VOCAB, SEQ = 32000, 2048
 def deepmind(layers, d, heads, key, ffw):
     """A Gopher-family shape as our config: 2-matrix MLP (the paper's dense block), tied embeddings,
     and no positional parameters (theirs are relative; ours RoPE, parameter-free)."""
-    return ModelConfig(vocab_size=VOCAB, embed_dim=d, num_layers=layers, num_heads=heads, head_dim=key,
-                       mlp_dim=ffw, mlp="gelu", norm="layernorm", tie_embeddings=True, max_length=SEQ)
+    return ModelConfig(
+        vocab_size=VOCAB,
+        embed_dim=d,
+        num_layers=layers,
+        num_heads=heads,
+        head_dim=key,
+        mlp_dim=ffw,
+        mlp="gelu",
+        norm="layernorm",
+        tie_embeddings=True,
+        max_length=SEQ,
+    )
 
 
 TABLE_A4 = [  # (label, shape, published ratio)
@@ -48,7 +58,7 @@ def published_n(m: ModelConfig) -> float:
     is that the extra matrix is Transformer-XL's relative-position projection (Gopher and
     Chinchilla use relative encodings; our decoder has none); the match below for all six
     Table A4 shapes and both flagship models is what supports it."""
-    return count_params(m)["total"] + m.num_layers * m.embed_dim ** 2
+    return count_params(m)["total"] + m.num_layers * m.embed_dim**2
 
 
 @pytest.mark.parametrize("label,shape,ratio", TABLE_A4)
@@ -87,17 +97,30 @@ def test_paper_formula_term_by_term():
     part = flops_breakdown(m, s)
     for name, value in per_sequence.items():
         assert part[name] * s == value, name
-    attention = sum(per_sequence[n] for n in ("qkv", "attention_logits", "softmax", "attention_values",
-                                              "attention_output"))
+    attention = sum(
+        per_sequence[n] for n in ("qkv", "attention_logits", "softmax", "attention_values", "attention_output")
+    )
     forward = per_sequence["embeddings"] + 80 * (attention + per_sequence["dense"]) + per_sequence["final_logits"]
     assert part["forward"] * s == forward
     assert train_flops(m, s, seq_len=s) == 3 * forward  # backward = 2 x forward
 
 
 def test_gpt3_6n_figure():
-    gpt3 = ModelConfig(vocab_size=50257, embed_dim=12288, num_layers=96, num_heads=96, mlp_dim=4 * 12288,
-                       mlp="gelu", norm="layernorm", norm_bias=True, positions="learned", max_length=2048,
-                       qkv_bias=True, dense_bias=True, tie_embeddings=True)
+    gpt3 = ModelConfig(
+        vocab_size=50257,
+        embed_dim=12288,
+        num_layers=96,
+        num_heads=96,
+        mlp_dim=4 * 12288,
+        mlp="gelu",
+        norm="layernorm",
+        norm_bias=True,
+        positions="learned",
+        max_length=2048,
+        qkv_bias=True,
+        dense_bias=True,
+        tie_embeddings=True,
+    )
     assert count_params(gpt3)["total"] == pytest.approx(175e9, rel=0.003)
     assert train_flops(gpt3, 300e9, method="6n") == pytest.approx(3.14e23, rel=0.005)
     # The exact count adds attention (~5% at d=12288, s=2048) and the embedding matmul.
@@ -105,12 +128,23 @@ def test_gpt3_6n_figure():
     assert 1.0 < ratio < 1.1
 
 
-@pytest.mark.parametrize("m", [
-    ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, mlp_dim=11008, max_length=4096),
-    ModelConfig(vocab_size=10, embed_dim=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=16),
-    ModelConfig(vocab_size=264, embed_dim=64, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=176,
-                sliding_window=32, max_length=128),
-])
+@pytest.mark.parametrize(
+    "m",
+    [
+        ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, mlp_dim=11008, max_length=4096),
+        ModelConfig(vocab_size=10, embed_dim=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=16),
+        ModelConfig(
+            vocab_size=264,
+            embed_dim=64,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            mlp_dim=176,
+            sliding_window=32,
+            max_length=128,
+        ),
+    ],
+)
 def test_exact_count_is_the_mfu_count_plus_embedding_matmul_and_softmax(m):
     """SwiGLU (3 matrices) and GQA (fewer K/V heads) enter both counts the same way; the Chinchilla
     accounting only adds the one-hot embedding matmul and the softmax, forward and backward."""
@@ -131,15 +165,16 @@ def test_count_params_matches_training_flops_for_dense_models():
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig(ModelConfig):
-    """Stands in for the MoE fields ModelConfig will get."""
+    """A ModelConfig whose defaults are Mixtral's expert layout: 8 experts, top-2, every layer."""
 
     num_experts: int = 8
     experts_per_token: int = 2
     moe_every: int = 1
 
 
-MIXTRAL = MoEConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336,
-                    max_length=4096)
+MIXTRAL = MoEConfig(
+    vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, mlp_dim=14336, max_length=4096
+)
 
 
 def test_moe_total_and_active_parameters_match_mixtral():
@@ -153,8 +188,10 @@ def test_moe_flops_use_the_active_experts():
     dense = dataclasses.replace(MIXTRAL, num_experts=0)
     seq = 4096
     extra_per_layer = 2 * 4096 * 14336 * 3 + 2 * 4096 * 8  # one more expert + the router
-    assert train_flops_per_token(MIXTRAL, seq_len=seq) - train_flops_per_token(dense, seq_len=seq) == \
-        3 * 32 * extra_per_layer
+    assert (
+        train_flops_per_token(MIXTRAL, seq_len=seq) - train_flops_per_token(dense, seq_len=seq)
+        == 3 * 32 * extra_per_layer
+    )
     every_other = dataclasses.replace(MIXTRAL, moe_every=2)
     assert count_params(every_other)["total"] - count_params(dense)["total"] == 16 * (7 * 3 * 4096 * 14336 + 4096 * 8)
     assert count_params(dataclasses.replace(MIXTRAL, num_experts=0)) == count_params(dense)

@@ -110,10 +110,23 @@ def fake_sweep(tmp_path, seed=0):
         with open(run_dir / "metrics.jsonl", "w") as f:
             for step in range(1, steps + 1):
                 f.write(json.dumps({"step": step, "loss": float(predict(TRUE, size, step * tokens_per_step))}) + "\n")
-        rows.append({"name": name, "budget": budget, "n_params": int(size), "n_params_non_embedding": int(size * 0.9),
-                     "tokens": int(tokens), "tokens_per_step": tokens_per_step, "flops_per_token": 6 * size,
-                     "flops": budget, "flops_6n": budget, "steps": steps, "train_loss": final, "val_loss": final,
-                     "wall_sec": 1.0})
+        rows.append(
+            {
+                "name": name,
+                "budget": budget,
+                "n_params": int(size),
+                "n_params_non_embedding": int(size * 0.9),
+                "tokens": int(tokens),
+                "tokens_per_step": tokens_per_step,
+                "flops_per_token": 6 * size,
+                "flops": budget,
+                "flops_6n": budget,
+                "steps": steps,
+                "train_loss": final,
+                "val_loss": final,
+                "wall_sec": 1.0,
+            }
+        )
     with open(tmp_path / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

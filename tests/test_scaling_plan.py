@@ -24,7 +24,7 @@ def test_shape_hits_the_target_and_the_aspect_ratio(target):
     n = count_params(m)["total"]
     assert abs(math.log(n / target)) < 0.15, (n, target)
     # Depth comes from the aspect ratio (rounded), width absorbs the rest.
-    assert m.num_layers == max(1, round((target / (12 * 64 ** 2)) ** (1 / 3)))
+    assert m.num_layers == max(1, round((target / (12 * 64**2)) ** (1 / 3)))
     if m.num_layers >= 4:
         assert 64 / 1.6 < m.embed_dim / m.num_layers < 64 * 1.6
     assert m.mlp_dim % 16 == 0 and m.embed_dim % 16 == 0
@@ -88,7 +88,7 @@ def test_train_command_round_trips_through_the_config_flags():
     run = e.runs[0]
     command = experiment_lib.train_command(e, run, "/tmp/sweep")
     assert command.startswith("python -m tpullm.train --config=configs/demo.py --workdir=/tmp/sweep/runs/")
-    flags = dict(arg[len("--config."):].split("=", 1) for arg in command.split() if arg.startswith("--config."))
+    flags = dict(arg[len("--config.") :].split("=", 1) for arg in command.split() if arg.startswith("--config."))
     assert flags == {k: str(v) for k, v in run.overrides.items()}
 
 

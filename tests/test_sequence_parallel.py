@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from multidevice import grad_rel, rel, results_on_devices
 from test_parallel import random_batch, strategy_config
+
 from tpullm import config as config_lib
 from tpullm.config import ConfigError
 from tpullm.models import ring_attention
@@ -24,26 +24,36 @@ from tpullm.models.dot_product import attention_mask, dot_product_attention
 
 # 4 query heads sharing 2 key/value heads (grouped-query), small enough to compile quickly.
 TINY = dict(embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
-MESHES = {"sequence=8": {"data": 1, "sequence": 8},
-          "sequence=2,fsdp=2,tensor=2": {"data": 1, "sequence": 2, "fsdp": 2, "tensor": 2}}
-STRATEGIES = {"all_gather": {"sequence_attention": "all_gather"},
-              "ring": {"sequence_attention": "ring"},  # zigzag load balancing is the default
-              "ring, no load balance": {"sequence_attention": "ring", "sequence_load_balance": False}}
+MESHES = {
+    "sequence=8": {"data": 1, "sequence": 8},
+    "sequence=2,fsdp=2,tensor=2": {"data": 1, "sequence": 2, "fsdp": 2, "tensor": 2},
+}
+STRATEGIES = {
+    "all_gather": {"sequence_attention": "all_gather"},
+    "ring": {"sequence_attention": "ring"},  # zigzag load balancing is the default
+    "ring, no load balance": {"sequence_attention": "ring", "sequence_load_balance": False},
+}
 # A window of 12 over rows of 64: with 8 devices it spans chunk borders and skips most tiles.
 MASKS = {"causal": {}, "window": {"sliding_window": 12}}
 CASES = [(m, s, k) for m in MESHES for s in STRATEGIES for k in MASKS]
 # The default run (each on rows of one document and on packed rows); --runslow adds the rest.
-FAST_CASES = [("sequence=8", "all_gather", "window"), ("sequence=8", "ring", "causal"),
-              ("sequence=8", "ring", "window"), ("sequence=2,fsdp=2,tensor=2", "ring", "window")]
+FAST_CASES = [
+    ("sequence=8", "all_gather", "window"),
+    ("sequence=8", "ring", "causal"),
+    ("sequence=8", "ring", "window"),
+    ("sequence=2,fsdp=2,tensor=2", "ring", "window"),
+]
 SLOW_CASES = [c for c in CASES if c not in FAST_CASES]
 
 
 def batches(config):
     """One document per row, and the packed rows of test_parallel (two documents, uneven loss mask)."""
     packed = random_batch(config.train.batch_size, config.data.seq_len, config.model.vocab_size)
-    single = dict(packed, segment_ids=np.ones_like(packed["segment_ids"]),
-                  positions=np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32),
-                                            packed["tokens"].shape).copy())
+    single = dict(
+        packed,
+        segment_ids=np.ones_like(packed["segment_ids"]),
+        positions=np.broadcast_to(np.arange(config.data.seq_len, dtype=np.int32), packed["tokens"].shape).copy(),
+    )
     return {"one document": single, "packed": packed}
 
 
@@ -61,8 +71,9 @@ def _evaluate(config, devices, params=None):
     param_shardings = setup.state_shardings.params
 
     def loss_fn(params, batch):
-        logits = setup.model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"])
+        logits = setup.model.apply(
+            {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])[0], logits
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
@@ -70,8 +81,11 @@ def _evaluate(config, devices, params=None):
             params = jax.device_get(setup.init_state(jax.random.key(0)).params)
         sharded = jax.device_put(params, param_shardings)
         inputs = {name: loop.put_batch(b, batch_sharding) for name, b in batches(config).items()}
-        step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(param_shardings, batch_sharding),
-                       out_shardings=((None, None), param_shardings))
+        step = jax.jit(
+            jax.value_and_grad(loss_fn, has_aux=True),
+            in_shardings=(param_shardings, batch_sharding),
+            out_shardings=((None, None), param_shardings),
+        )
         compiled = step.lower(sharded, next(iter(inputs.values()))).compile()
         out = {}
         for name, batch in inputs.items():
@@ -92,10 +106,15 @@ def _model_worker(cases):
         for name, (loss, logits, grads) in got.items():
             loss0, logits0, grads0 = ref[name]
             results[f"{mesh}|{strategy}|{mask}|{name}"] = {
-                "loss_rel": abs(loss - loss0) / abs(loss0), "logits_rel": rel(logits, logits0),
-                "grad_rel": grad_rel(grads, grads0), "conditionals": hlo.count(" conditional("),
-                **{f"{op}s": len(re.findall(rf" {op}(?:-start)?\(", hlo))
-                   for op in ("collective-permute", "all-gather")}}
+                "loss_rel": abs(loss - loss0) / abs(loss0),
+                "logits_rel": rel(logits, logits0),
+                "grad_rel": grad_rel(grads, grads0),
+                "conditionals": hlo.count(" conditional("),
+                **{
+                    f"{op}s": len(re.findall(rf" {op}(?:-start)?\(", hlo))
+                    for op in ("collective-permute", "all-gather")
+                },
+            }
     return results
 
 
@@ -106,9 +125,15 @@ def _op_worker():
     mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(AxisType.Auto,) * 2)
     b, length, d = 2, 64, 8
     rng = np.random.default_rng(1)
-    cases = {f"heads={h}/{kv} window={w} packed={p} zigzag={z}": (h, kv, w, p, z)
-             for h, kv, w, p, z in [(4, 2, 0, True, True), (4, 2, 12, True, True), (4, 2, 12, True, False),
-                                    (4, 1, 0, False, False)]}
+    cases = {
+        f"heads={h}/{kv} window={w} packed={p} zigzag={z}": (h, kv, w, p, z)
+        for h, kv, w, p, z in [
+            (4, 2, 0, True, True),
+            (4, 2, 12, True, True),
+            (4, 2, 12, True, False),
+            (4, 1, 0, False, False),
+        ]
+    }
     results = {}
     for name, (heads, kv, window, packed, zigzag) in cases.items():
         q, out_grad = (jnp.asarray(rng.normal(size=(b, length, heads, d)), jnp.float32) for _ in range(2))
@@ -133,8 +158,11 @@ def _op_worker():
         (loss0, out0), grads0 = grad(reference)(q, k, v)
         with jax.set_mesh(mesh):
             (loss, out), grads = jax.jit(grad(ring))(q, k, v)
-        results[name] = {"out_rel": rel(out, out0), "loss_rel": abs(float(loss - loss0) / float(loss0)),
-                         "grad_rel": [rel(g, g0) for g, g0 in zip(grads, grads0)]}
+        results[name] = {
+            "out_rel": rel(out, out0),
+            "loss_rel": abs(float(loss - loss0) / float(loss0)),
+            "grad_rel": [rel(g, g0) for g, g0 in zip(grads, grads0)],
+        }
 
     results["memory"] = {n: _ring_temp_bytes(n, 256 * n) for n in (2, 8)}
 
@@ -144,7 +172,8 @@ def _op_worker():
         results["zigzag"] = {
             "order": np.asarray(ring_attention.zigzag(jnp.arange(length)[None], cfg))[0].tolist(),
             "round_trip": bool((ring_attention.unzigzag(ring_attention.zigzag(x, cfg), cfg) == x).all()),
-            "index": np.asarray(ring_attention.token_index(cfg, length)).tolist()}
+            "index": np.asarray(ring_attention.token_index(cfg, length)).tolist(),
+        }
     return results
 
 
@@ -239,6 +268,7 @@ def test_zigzag_puts_one_chunk_from_each_end_on_every_device(op_results):
 
 # ---------------------------------------------------------------- in-process: one device
 
+
 def test_without_a_sequence_axis_ring_is_plain_attention():
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32)
@@ -251,15 +281,21 @@ def test_without_a_sequence_axis_ring_is_plain_attention():
 def test_ring_length_must_split_into_chunks():
     c = strategy_config({"sequence": 8}, {"sequence_attention": "ring"})
     c.data.seq_len = 72
-    with pytest.raises(ConfigError, match=r"a row of 72 tokens does not split into 2 x sequence degree 8 = 16 "
-                                          r"chunks .*\(72 % 16 = 8\); make data.seq_len a multiple of 16, or set "
-                                          r"model.sequence_load_balance=False"):
+    with pytest.raises(
+        ConfigError,
+        match=r"a row of 72 tokens does not split into 2 x sequence degree 8 = 16 "
+        r"chunks .*\(72 % 16 = 8\); make data.seq_len a multiple of 16, or set "
+        r"model.sequence_load_balance=False",
+    ):
         config_lib.validate(c)
     c.model.sequence_load_balance = False
     config_lib.validate(c)  # 72 = 8 blocks of 9
     c.data.seq_len = 60
-    with pytest.raises(ConfigError, match=r"into sequence degree 8 blocks \(60 % 8 = 4\); make data.seq_len a "
-                                          r"multiple of 8$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"into sequence degree 8 blocks \(60 % 8 = 4\); make data.seq_len a "
+        r"multiple of 8$",
+    ):
         config_lib.validate(c)
     c.model.sequence_attention = "all_gather"  # XLA pads uneven splits
     config_lib.validate(c)

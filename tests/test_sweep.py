@@ -13,8 +13,20 @@ from tpullm.scaling.runner import RESULTS_FILE, read_curve, read_results, run_sw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "chinchilla", "isoflop_cpu.py") + ":smoke"
-FIELDS = {"name", "budget", "n_params", "n_params_non_embedding", "tokens", "steps", "flops", "flops_6n",
-          "train_loss", "val_loss", "wall_sec", "finished_at"}
+FIELDS = {
+    "name",
+    "budget",
+    "n_params",
+    "n_params_non_embedding",
+    "tokens",
+    "steps",
+    "flops",
+    "flops_6n",
+    "train_loss",
+    "val_loss",
+    "wall_sec",
+    "finished_at",
+}
 
 
 class FakeTrain:
@@ -84,9 +96,14 @@ def test_read_curve_keeps_the_last_record_of_a_repeated_step(tmp_path):
 
 
 def test_print_commands(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "tpullm.sweep", f"--experiment={SMOKE}", f"--workdir={tmp_path}",
-                          "--print_commands"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [sys.executable, "-m", "tpullm.sweep", f"--experiment={SMOKE}", f"--workdir={tmp_path}", "--print_commands"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     commands = out.stdout.strip().splitlines()
     assert len(commands) == 2

@@ -20,8 +20,11 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from tpullm import cli, config as config_lib
-from tpullm.parallel import memory, mesh as mesh_lib, rules, topology as topology_lib
+from tpullm import cli
+from tpullm import config as config_lib
+from tpullm.parallel import memory, rules
+from tpullm.parallel import mesh as mesh_lib
+from tpullm.parallel import topology as topology_lib
 from tpullm.training import loop
 
 
@@ -34,8 +37,13 @@ def define_flags():
 
 
 # What the train step reads (tpullm/training/step.py): [batch, length] arrays.
-BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
-                "loss_mask": jnp.float32}
+BATCH_DTYPES = {
+    "tokens": jnp.int32,
+    "targets": jnp.int32,
+    "segment_ids": jnp.int32,
+    "positions": jnp.int32,
+    "loss_mask": jnp.float32,
+}
 
 
 def compile_step(config, devices):
@@ -76,8 +84,14 @@ def report(config, topology_name: str, num_slices: int = 1) -> dict:
     out, alias = stats.output_size_in_bytes, stats.alias_size_in_bytes
     peak = args + temp + out - alias
     capacity = topo.chip.hbm_bytes
-    est = memory.estimate(model_cfg, setup.abstract_state, setup.mesh.shape, config.train.batch_size,
-                          config.data.seq_len, config.train.grad_accum_steps)
+    est = memory.estimate(
+        model_cfg,
+        setup.abstract_state,
+        setup.mesh.shape,
+        config.train.batch_size,
+        config.data.seq_len,
+        config.train.grad_accum_steps,
+    )
     lines = [
         setup.layout.text(config.mesh.max_replicated_share),
         f"train step compiled ahead of time for {topo} in {seconds:.1f}s",
@@ -95,9 +109,18 @@ def report(config, topology_name: str, num_slices: int = 1) -> dict:
         f"  {'total':<17}{size(est.total)}  = {est.total / max(peak, 1):.2f}x the compiler's peak "
         f"({'+' if est.total >= peak else '-'}{size(abs(est.total - peak)).strip()})",
     ]
-    return {"text": "\n".join(lines), "peak": peak, "capacity": capacity, "fits": peak <= capacity,
-            "arguments": args, "temporaries": temp, "outputs": out, "aliased": alias, "estimate": est,
-            "devices": len(devices)}
+    return {
+        "text": "\n".join(lines),
+        "peak": peak,
+        "capacity": capacity,
+        "fits": peak <= capacity,
+        "arguments": args,
+        "temporaries": temp,
+        "outputs": out,
+        "aliased": alias,
+        "estimate": est,
+        "devices": len(devices),
+    }
 
 
 def main(argv):
@@ -111,9 +134,12 @@ def main(argv):
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         # The TPU compiler refuses a step whose temporaries exceed HBM before memory_analysis exists.
-        print(f"tpullm.aot: DOES NOT FIT: the compiler ran out of HBM: {str(e).splitlines()[0]}\n"
-              f"Try more gradient accumulation (train.grad_accum_steps), a stronger remat policy "
-              f"(model.remat_policy), more pipeline microbatches, or more chips.", file=sys.stderr)
+        print(
+            f"tpullm.aot: DOES NOT FIT: the compiler ran out of HBM: {str(e).splitlines()[0]}\n"
+            f"Try more gradient accumulation (train.grad_accum_steps), a stronger remat policy "
+            f"(model.remat_policy), more pipeline microbatches, or more chips.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     print(result["text"], flush=True)
     sys.exit(0 if result["fits"] else 2)

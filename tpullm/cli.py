@@ -71,8 +71,11 @@ def fail(message) -> None:
 
 def config_flag_names() -> list[str]:
     """The flags holding an ml_collections config (config_flags.DEFINE_config_file / _dict)."""
-    return [name for name in flags.FLAGS if flags.FLAGS[name].name == name
-            and flags.FLAGS[name].parser.flag_type() == "config object"]
+    return [
+        name
+        for name in flags.FLAGS
+        if flags.FLAGS[name].name == name and flags.FLAGS[name].parser.flag_type() == "config object"
+    ]
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -139,9 +142,12 @@ def run(main, compilation_cache: bool = False) -> None:
     """absl's app.run(main) with one-line user errors, quiet library logs and, if asked, the
     persistent compilation cache."""
     if compilation_cache:
-        flags.DEFINE_string("compilation_cache_dir", None,
-                            "jax's persistent compilation cache (default $JAX_COMPILATION_CACHE_DIR, else "
-                            "~/.cache/tpullm/jax); 'none' turns it off.")
+        flags.DEFINE_string(
+            "compilation_cache_dir",
+            None,
+            "jax's persistent compilation cache (default $JAX_COMPILATION_CACHE_DIR, else "
+            "~/.cache/tpullm/jax); 'none' turns it off.",
+        )
 
     def checked_main(argv):
         check_config_files(sys.argv)

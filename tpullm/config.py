@@ -40,6 +40,10 @@ class ModelConfig:
     """
 
     vocab_size: int = 320
+    # The embedding and logits tables get vocab_size rounded up to a multiple of this (GPT-2's 50257
+    # -> 50304 with 128), so the vocab axis splits evenly over tensor-parallel degrees. The padded
+    # ids' logits are masked to the dtype's lowest value: never sampled, never in the loss.
+    vocab_pad_multiple: int = 1
     embed_dim: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -93,6 +97,15 @@ class ModelConfig:
     pipeline_stages: int = 1
     pipeline_microbatches: int = 0
     pipeline_repeats: int = 1
+    # With FSDP, all-gather each stage's weights once per step, before the schedule (True), or at
+    # every schedule iteration (False): once moves less but holds a stage's weights and gradients
+    # whole over fsdp for the step.
+    pipeline_gather_once: bool = True
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the embedding and logits tables: vocab_size rounded up to vocab_pad_multiple."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     def resolve(self) -> "ModelConfig":
         """A copy with the derived fields filled in, after validation."""
@@ -133,6 +146,8 @@ def validate_model(m: ModelConfig) -> None:
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_length"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name}={getattr(m, name)} must be positive")
+    if m.vocab_pad_multiple <= 0:
+        raise ConfigError(f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be positive (1: no padding)")
     if m.num_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
         raise ConfigError("model.num_kv_heads, model.head_dim and model.sliding_window must be >= 0 (0 means default)")
     kv = m.num_kv_heads or m.num_heads
@@ -140,16 +155,19 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={kv}: "
             f"grouped-query attention shares each key/value head among num_heads/num_kv_heads query heads; "
-            f"pick num_kv_heads from the divisors of {m.num_heads}")
+            f"pick num_kv_heads from the divisors of {m.num_heads}"
+        )
     if not m.head_dim and m.embed_dim % m.num_heads:
         raise ConfigError(
             f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
-            f"set model.head_dim explicitly or change one of them")
+            f"set model.head_dim explicitly or change one of them"
+        )
     if m.positions == "rope" and (m.head_dim or m.embed_dim // m.num_heads) % 2:
         raise ConfigError(
             f"model.head_dim={m.head_dim or m.embed_dim // m.num_heads} (given, or embed_dim // num_heads) is odd, "
             f"but RoPE rotates pairs of features: set an even model.head_dim, or change model.embed_dim or "
-            f"model.num_heads")
+            f"model.num_heads"
+        )
     if m.rope_theta <= 0:
         raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
     for name in ("norm_eps", "init_std"):
@@ -162,28 +180,36 @@ def validate_model(m: ModelConfig) -> None:
 def _validate_pipeline(m: ModelConfig) -> None:
     s, mb, r = m.pipeline_stages, m.pipeline_microbatches, m.pipeline_repeats
     if s < 1 or r < 1 or mb < 0:
-        raise ConfigError(f"model.pipeline_stages={s} and model.pipeline_repeats={r} must be >= 1 and "
-                          f"model.pipeline_microbatches={mb} >= 0 (0: no pipeline)")
+        raise ConfigError(
+            f"model.pipeline_stages={s} and model.pipeline_repeats={r} must be >= 1 and "
+            f"model.pipeline_microbatches={mb} >= 0 (0: no pipeline)"
+        )
     if not mb:
         if r != 1:
-            raise ConfigError(f"model.pipeline_repeats={r} needs a pipeline: set model.pipeline_microbatches "
-                              f"(>= pipeline_stages={s}) or pipeline_repeats=1")
+            raise ConfigError(
+                f"model.pipeline_repeats={r} needs a pipeline: set model.pipeline_microbatches "
+                f"(>= pipeline_stages={s}) or pipeline_repeats=1"
+            )
         return
-    if m.num_experts:
-        raise ConfigError(
-            f"model.pipeline_microbatches={mb} with model.num_experts={m.num_experts}: the router losses that MoE "
-            f"layers sow do not flow through the pipeline; set pipeline_microbatches=0 for MoE models")
     if m.num_layers % (s * r):
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by model.pipeline_stages={s} x "
             f"model.pipeline_repeats={r} = {s * r}; each stage holds num_layers / (stages x repeats) layers per "
-            f"repeat: change num_layers, pipeline_stages or pipeline_repeats")
+            f"repeat: change num_layers, pipeline_stages or pipeline_repeats"
+        )
+    if m.num_experts and m.moe_every >= 1 and m.num_layers % (s * r * m.moe_every):
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by model.pipeline_stages={s} x "
+            f"model.pipeline_repeats={r} x model.moe_every={m.moe_every} = {s * r * m.moe_every}; each stage holds "
+            f"whole groups of moe_every layers (the last with experts): change num_layers or the pipeline"
+        )
     if mb < s:
         raise ConfigError(
             f"model.pipeline_microbatches={mb} is smaller than model.pipeline_stages={s}: some stage would always "
             f"be idle (bubble (stages-1)/(microbatches*repeats+stages-1) = {s - 1}/{mb * r + s - 1}), and with "
             f"repeats a microbatch would re-enter the first stage before leaving the last; use at least {s} "
-            f"microbatches")
+            f"microbatches"
+        )
 
 
 def check_sequence_split(length: int, degree: int, load_balance: bool) -> None:
@@ -191,13 +217,18 @@ def check_sequence_split(length: int, degree: int, load_balance: bool) -> None:
     balanced (zigzag: each device holds one chunk from each end); raises ConfigError if it can't."""
     parts = 2 * degree if load_balance else degree
     if degree > 1 and length % parts:
-        how = (f"2 x sequence degree {degree} = {parts} chunks (model.sequence_load_balance: each device "
-               f"holds two)" if load_balance else f"sequence degree {degree} blocks")
+        how = (
+            f"2 x sequence degree {degree} = {parts} chunks (model.sequence_load_balance: each device holds two)"
+            if load_balance
+            else f"sequence degree {degree} blocks"
+        )
         fix = f"make data.seq_len a multiple of {parts}"
         if load_balance and length % degree == 0:
             fix += ", or set model.sequence_load_balance=False"
-        raise ConfigError(f"model.sequence_attention='ring': a row of {length} tokens does not split into {how} "
-                          f"({length} % {parts} = {length % parts}); {fix}")
+        raise ConfigError(
+            f"model.sequence_attention='ring': a row of {length} tokens does not split into {how} "
+            f"({length} % {parts} = {length % parts}); {fix}"
+        )
 
 
 def _validate_moe(m: ModelConfig) -> None:
@@ -208,29 +239,37 @@ def _validate_moe(m: ModelConfig) -> None:
         raise ConfigError(f"model.num_experts={m.num_experts}: use 0 for a dense model or at least 2 experts")
     if not 1 <= m.experts_per_token <= m.num_experts:
         raise ConfigError(
-            f"model.experts_per_token={m.experts_per_token} must be between 1 and model.num_experts={m.num_experts}")
+            f"model.experts_per_token={m.experts_per_token} must be between 1 and model.num_experts={m.num_experts}"
+        )
     if m.moe_every < 1 or m.num_layers % m.moe_every:
         raise ConfigError(
             f"model.moe_every={m.moe_every} must be >= 1 and divide model.num_layers={m.num_layers}: the layers are "
-            f"scanned in groups of moe_every (the last of each group is the MoE layer)")
+            f"scanned in groups of moe_every (the last of each group is the MoE layer)"
+        )
     if m.capacity_factor <= 0:
         raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be positive")
     if m.moe_group_size < 0:
         raise ConfigError(f"model.moe_group_size={m.moe_group_size} must be >= 0 (0: one dispatch group per row)")
     if m.router_aux_loss < 0 or m.router_z_loss < 0 or not 0 <= m.router_jitter < 1:
-        raise ConfigError("model.router_aux_loss and model.router_z_loss must be >= 0 and model.router_jitter in [0, 1)")
+        raise ConfigError(
+            "model.router_aux_loss and model.router_z_loss must be >= 0 and model.router_jitter in [0, 1)"
+        )
     if m.dense_bias:
-        raise ConfigError("model.dense_bias=True is not supported with experts (model.num_experts > 0): "
-                          "expert MLPs have no biases (Mixtral, GLaM)")
+        raise ConfigError(
+            "model.dense_bias=True is not supported with experts (model.num_experts > 0): "
+            "expert MLPs have no biases (Mixtral, GLaM)"
+        )
 
 
 def moe_group_error(group: int, length: int, what: str) -> str:
     """The message for a capacity dispatch group size that does not divide a row."""
     below = max(g for g in range(1, min(group, length) + 1) if length % g == 0)
     divisors = [below] + [g for g in range(group + 1, length + 1) if length % g == 0][:1]
-    return (f"model.moe_group_size={group} does not divide {what} {length} ({length} % {group} = {length % group}): "
-            f"capacity dispatch cuts each row into groups of moe_group_size tokens; pick a divisor of {length} "
-            f"(nearest: {' or '.join(map(str, divisors))}) or 0 for one group per row")
+    return (
+        f"model.moe_group_size={group} does not divide {what} {length} ({length} % {group} = {length % group}): "
+        f"capacity dispatch cuts each row into groups of moe_group_size tokens; pick a divisor of {length} "
+        f"(nearest: {' or '.join(map(str, divisors))}) or 0 for one group per row"
+    )
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -331,19 +370,38 @@ FRACTION, BELOW_ONE = Bound(0, 1), Bound(0, 1, high_open=True)
 
 # Every number of a run config outside `model` (validate_model checks those), with its range.
 RUN_BOUNDS = {
-    "data.seq_len": AT_LEAST_ONE, "data.val_fraction": BELOW_ONE, "data.max_bytes": NON_NEGATIVE,
-    "data.shuffle_window_tokens": NON_NEGATIVE, "data.num_workers": Bound(-1), "data.read_threads": AT_LEAST_ONE,
-    "optimizer.learning_rate": POSITIVE, "optimizer.warmup_steps": NON_NEGATIVE, "optimizer.min_lr_ratio": FRACTION,
-    "optimizer.b1": BELOW_ONE, "optimizer.b2": BELOW_ONE, "optimizer.eps": POSITIVE,
-    "optimizer.weight_decay": NON_NEGATIVE, "optimizer.grad_clip": NON_NEGATIVE, "optimizer.z_loss": NON_NEGATIVE,
-    "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum_steps": AT_LEAST_ONE,
-    "train.seed": NON_NEGATIVE, "train.log_every": AT_LEAST_ONE, "train.eval_every": AT_LEAST_ONE,
-    "train.eval_batches": AT_LEAST_ONE, "train.checkpoint_every": AT_LEAST_ONE,
+    "data.seq_len": AT_LEAST_ONE,
+    "data.val_fraction": BELOW_ONE,
+    "data.max_bytes": NON_NEGATIVE,
+    "data.shuffle_window_tokens": NON_NEGATIVE,
+    "data.num_workers": Bound(-1),
+    "data.read_threads": AT_LEAST_ONE,
+    "optimizer.learning_rate": POSITIVE,
+    "optimizer.warmup_steps": NON_NEGATIVE,
+    "optimizer.min_lr_ratio": FRACTION,
+    "optimizer.b1": BELOW_ONE,
+    "optimizer.b2": BELOW_ONE,
+    "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.grad_clip": NON_NEGATIVE,
+    "optimizer.z_loss": NON_NEGATIVE,
+    "train.steps": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE,
+    "train.grad_accum_steps": AT_LEAST_ONE,
+    "train.seed": NON_NEGATIVE,
+    "train.log_every": AT_LEAST_ONE,
+    "train.eval_every": AT_LEAST_ONE,
+    "train.eval_batches": AT_LEAST_ONE,
+    "train.checkpoint_every": AT_LEAST_ONE,
     # At least two: a newest step damaged on disk after its save always leaves one to resume from.
-    "train.keep_checkpoints": Bound(2), "train.keep_period": NON_NEGATIVE,
-    "train.checkpoint_minutes": NON_NEGATIVE, "train.sample_tokens": NON_NEGATIVE,
-    "train.sample_temperature": NON_NEGATIVE, "train.sample_top_k": NON_NEGATIVE,
-    "train.sample_top_p": Bound(0, 1, low_open=True), "train.profile_steps": NON_NEGATIVE,
+    "train.keep_checkpoints": Bound(2),
+    "train.keep_period": NON_NEGATIVE,
+    "train.checkpoint_minutes": NON_NEGATIVE,
+    "train.sample_tokens": NON_NEGATIVE,
+    "train.sample_temperature": NON_NEGATIVE,
+    "train.sample_top_k": NON_NEGATIVE,
+    "train.sample_top_p": Bound(0, 1, low_open=True),
+    "train.profile_steps": NON_NEGATIVE,
     "mesh.max_replicated_share": FRACTION,
 }
 
@@ -351,8 +409,9 @@ RUN_BOUNDS = {
 def check_bound(key: str, value, bound: Bound, default) -> None:
     """Raises ConfigError naming `key`, its range and a value that works (`default`) unless `bound` holds."""
     if not bound.holds(value):
-        raise ConfigError(f"{key}={value!r} must be {bound} and finite; set e.g. --config.{key}={default!r} "
-                          f"(the default)")
+        raise ConfigError(
+            f"{key}={value!r} must be {bound} and finite; set e.g. --config.{key}={default!r} (the default)"
+        )
 
 
 def _lookup(c: ml_collections.ConfigDict, key: str):
@@ -369,8 +428,9 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         degrees = c.mesh[kind]
         for axis, degree in degrees.items():
             if isinstance(degree, bool) or not isinstance(degree, int) or (degree < 1 and degree != -1):
-                raise ConfigError(f"mesh.{kind}.{axis}={degree!r} must be a positive integer or -1 (the devices "
-                                  f"left over)")
+                raise ConfigError(
+                    f"mesh.{kind}.{axis}={degree!r} must be a positive integer or -1 (the devices left over)"
+                )
         if list(degrees.values()).count(-1) > 1:
             raise ConfigError(f"mesh.{kind}: at most one axis may be -1 (the devices left over); got {dict(degrees)}")
     for name, source in (c.data.get("sources") or {}).items():
@@ -378,11 +438,14 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
         if not source.get("path"):
             raise ConfigError(f"data.sources.{name} has no path: give path=<a source data.corpus accepts>")
         if not POSITIVE.holds(weight):
-            raise ConfigError(f"data.sources.{name}.weight={weight!r} must be {POSITIVE} and finite (its share of "
-                              f"tokens; drop the source instead of weighting it 0)")
+            raise ConfigError(
+                f"data.sources.{name}.weight={weight!r} must be {POSITIVE} and finite (its share of "
+                f"tokens; drop the source instead of weighting it 0)"
+            )
     if not c.data.get("sources") and not c.data.corpus:
-        raise ConfigError("data.corpus is empty: give python_stdlib, a glob, a prepared folder or hf:NAME, or set "
-                          "data.sources")
+        raise ConfigError(
+            "data.corpus is empty: give python_stdlib, a glob, a prepared folder or hf:NAME, or set data.sources"
+        )
 
 
 def _is_section(node) -> bool:
@@ -408,8 +471,11 @@ def unknown_key(config: ml_collections.ConfigDict, key: str, prefix: str = "conf
     found = ".".join([prefix] + parts[:depth])
     # The nearest keys inside the deepest section that exists: a misspelt leaf or subsection.
     base = "".join(p + "." for p in parts[:depth])
-    nearest = [base + k for k in difflib.get_close_matches(".".join(parts[depth:]), list(_paths(node)), n=3,
-                                                          cutoff=0.6)] if _is_section(node) else []
+    nearest = (
+        [base + k for k in difflib.get_close_matches(".".join(parts[depth:]), list(_paths(node)), n=3, cutoff=0.6)]
+        if _is_section(node)
+        else []
+    )
     if nearest:
         hint = "did you mean " + " or ".join(f"{prefix}.{k}" for k in nearest) + "?"
     elif _is_section(node) and node:
@@ -429,9 +495,14 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}: "
-            f"each microbatch must hold batch_size/grad_accum_steps whole sequences")
-    if model.num_experts and model.moe_dispatch == "capacity" and model.moe_group_size and \
-            d.seq_len % model.moe_group_size:
+            f"each microbatch must hold batch_size/grad_accum_steps whole sequences"
+        )
+    if (
+        model.num_experts
+        and model.moe_dispatch == "capacity"
+        and model.moe_group_size
+        and d.seq_len % model.moe_group_size
+    ):
         raise ConfigError(moe_group_error(model.moe_group_size, d.seq_len, "data.seq_len ="))
     micro = t.batch_size // t.grad_accum_steps
     if model.pipeline_microbatches and micro % model.pipeline_microbatches:
@@ -439,14 +510,15 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
             f"train.batch_size={t.batch_size} / train.grad_accum_steps={t.grad_accum_steps} = {micro} sequences "
             f"per step is not divisible by model.pipeline_microbatches={model.pipeline_microbatches}; make "
             f"batch_size a multiple of grad_accum_steps x pipeline_microbatches = "
-            f"{t.grad_accum_steps * model.pipeline_microbatches}")
+            f"{t.grad_accum_steps * model.pipeline_microbatches}"
+        )
     if model.positions == "learned" and d.seq_len > model.max_length:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "
-            f"position table; raise model.max_length or shorten data.seq_len")
+            f"position table; raise model.max_length or shorten data.seq_len"
+        )
     if o.warmup_steps >= t.steps:
-        raise ConfigError(
-            f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)
     if model.sequence_attention == "ring" and sequence > 1:  # (-1 degrees are checked when traced)
         check_sequence_split(d.seq_len, sequence, model.sequence_load_balance)

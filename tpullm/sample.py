@@ -20,8 +20,11 @@ from tpullm.inference.text import complete_texts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL file with a 'prompt' field per line; "
-                                    "replaces --prompt, all prompts decoded as one batch.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file",
+    None,
+    "JSONL file with a 'prompt' field per line; replaces --prompt, all prompts decoded as one batch.",
+)
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations per prompt.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "How many tokens to generate.")
@@ -63,8 +66,15 @@ def main(argv):
     model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _SEED.value)
     texts = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
-    continuations = complete_texts(model, params, data.load_tokenizer(config.data.tokenizer), texts, _MAX_NEW.value,
-                                   sampling, train_length=config.data.seq_len)
+    continuations = complete_texts(
+        model,
+        params,
+        data.load_tokenizer(config.data.tokenizer),
+        texts,
+        _MAX_NEW.value,
+        sampling,
+        train_length=config.data.seq_len,
+    )
     print(SEPARATOR.join(prompt + text for prompt, text in zip(texts, continuations)))
 
 

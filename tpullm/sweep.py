@@ -1,12 +1,12 @@
 """Run, print or analyse a scaling sweep defined in experiments/.
 
-    python -m tpullm.sweep --experiment=experiments/chinchilla/isoflop_cpu.py --workdir=DIR
-        trains every run not yet finished, here, one after another (resumable: rerun to continue)
-    python -m tpullm.sweep --experiment=... --workdir=DIR --print_commands    (or --dry_run)
-        prints the plan, then one `python -m tpullm.train ...` command per run (for TPU pods);
-        afterwards `--collect_only` records the runs those commands finished in DIR/runs/
-    python -m tpullm.sweep --experiment=... --workdir=DIR --analyze [--analysis_dir=OUT]
-        fits Approaches 1-3 to the finished runs and writes plots and tables into OUT (default DIR)
+python -m tpullm.sweep --experiment=experiments/chinchilla/isoflop_cpu.py --workdir=DIR
+    trains every run not yet finished, here, one after another (resumable: rerun to continue)
+python -m tpullm.sweep --experiment=... --workdir=DIR --print_commands    (or --dry_run)
+    prints the plan, then one `python -m tpullm.train ...` command per run (for TPU pods);
+    afterwards `--collect_only` records the runs those commands finished in DIR/runs/
+python -m tpullm.sweep --experiment=... --workdir=DIR --analyze [--analysis_dir=OUT]
+    fits Approaches 1-3 to the finished runs and writes plots and tables into OUT (default DIR)
 """
 
 import sys
@@ -23,19 +23,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: results.jsonl,
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print the launch command of every run instead of training.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Same as --print_commands.")
 _ANALYZE = flags.DEFINE_bool("analyze", False, "Fit and plot the finished runs instead of training.")
-_COLLECT = flags.DEFINE_bool("collect_only", False, "Record runs whose workdir already logged their last step "
-                              "(e.g. trained on a pod with --print_commands' commands); train nothing.")
+_COLLECT = flags.DEFINE_bool(
+    "collect_only",
+    False,
+    "Record runs whose workdir already logged their last step "
+    "(e.g. trained on a pod with --print_commands' commands); train nothing.",
+)
 _MAX_RUNS = flags.DEFINE_integer("max_runs", None, "Train at most this many runs in this invocation.")
-_FLOPS_PER_SEC = flags.DEFINE_float("assumed_flops_per_sec", 40e9,
-                                    "Effective FLOP/s for the plan's time estimate and the ETA before the "
-                                    "first run has finished.")
+_FLOPS_PER_SEC = flags.DEFINE_float(
+    "assumed_flops_per_sec",
+    40e9,
+    "Effective FLOP/s for the plan's time estimate and the ETA before the first run has finished.",
+)
 _OVERHEAD = flags.DEFINE_float("overhead_sec", 20.0, "Start-up seconds per run in the plan's time estimate.")
-_N_KEY = flags.DEFINE_enum("n_key", "n_params", ["n_params", "n_params_non_embedding"],
-                           "--analyze: which parameter count is N.")
+_N_KEY = flags.DEFINE_enum(
+    "n_key", "n_params", ["n_params", "n_params_non_embedding"], "--analyze: which parameter count is N."
+)
 _LOSS_KEY = flags.DEFINE_enum("loss_key", "val_loss", ["val_loss", "train_loss"], "--analyze: which final loss.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 100, "--analyze: bootstrap replicates per approach.")
-_ANALYSIS_DIR = flags.DEFINE_string("analysis_dir", None, "--analyze: where the plots and tables go (default: "
-                                    "the workdir), e.g. experiments/chinchilla/results to commit them.")
+_ANALYSIS_DIR = flags.DEFINE_string(
+    "analysis_dir",
+    None,
+    "--analyze: where the plots and tables go (default: "
+    "the workdir), e.g. experiments/chinchilla/results to commit them.",
+)
 flags.mark_flags_as_required(["experiment", "workdir"])
 
 
@@ -55,14 +66,19 @@ def main(argv):
             check_writable(_ANALYSIS_DIR.value, "--analysis_dir")
         from tpullm.scaling.report import analyze
 
-        analyze(_WORKDIR.value, _ANALYSIS_DIR.value, n_key=_N_KEY.value, loss_key=_LOSS_KEY.value,
-                n_boot=_N_BOOT.value)
+        analyze(_WORKDIR.value, _ANALYSIS_DIR.value, n_key=_N_KEY.value, loss_key=_LOSS_KEY.value, n_boot=_N_BOOT.value)
         return
     from tpullm.scaling.runner import run_sweep
 
     print(plan_table(experiment, _FLOPS_PER_SEC.value, _OVERHEAD.value), flush=True)
-    run_sweep(experiment, _WORKDIR.value, assumed_flops_per_sec=_FLOPS_PER_SEC.value, max_runs=_MAX_RUNS.value,
-              collect_only=_COLLECT.value, log=lambda message: print(message, flush=True))
+    run_sweep(
+        experiment,
+        _WORKDIR.value,
+        assumed_flops_per_sec=_FLOPS_PER_SEC.value,
+        max_runs=_MAX_RUNS.value,
+        collect_only=_COLLECT.value,
+        log=lambda message: print(message, flush=True),
+    )
 
 
 if __name__ == "__main__":

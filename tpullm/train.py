@@ -21,11 +21,11 @@ from tpullm.training.loop import log, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard events go.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs (env JAX_COORDINATOR_ADDRESS).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs (env JAX_COORDINATOR_ADDRESS)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (env JAX_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
-                                   "(env JAX_PROCESS_ID).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (env JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,8 +43,15 @@ def print_sample(config, model, params) -> None:
     if t.sample_tokens <= 0:
         return
     sampling = SamplingParams(t.sample_temperature, t.sample_top_k, t.sample_top_p, seed=t.seed)
-    [text] = complete_texts(model, params, data.load_tokenizer(config.data.tokenizer), [t.sample_prompt],
-                            t.sample_tokens, sampling, train_length=config.data.seq_len)
+    [text] = complete_texts(
+        model,
+        params,
+        data.load_tokenizer(config.data.tokenizer),
+        [t.sample_prompt],
+        t.sample_tokens,
+        sampling,
+        train_length=config.data.seq_len,
+    )
     log("sample:\n" + t.sample_prompt + text)
 
 

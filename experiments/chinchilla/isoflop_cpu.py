@@ -32,7 +32,7 @@ from tpullm.scaling.experiment import Experiment, load_config
 from tpullm.scaling.plan import isoflop_runs
 
 BASE = "configs/demo.py"
-BUDGETS = (1e12, 10 ** 12.5, 1e13)
+BUDGETS = (1e12, 10**12.5, 1e13)
 SHAPES = dict(aspect_ratio=32.0, head_dim=32, width_multiple=8)
 TRAIN_BYTES = 11.5e6  # python_stdlib: 12.1 MB, 95% of the documents for training (demo's val_fraction)
 
@@ -40,17 +40,43 @@ TRAIN_BYTES = 11.5e6  # python_stdlib: 12.1 MB, 95% of the documents for trainin
 def get_experiment(arg=None):
     base = load_config(BASE)
     if arg is None or arg == "extended":
-        budgets = BUDGETS + ((10 ** 13.5,) if arg == "extended" else ())
+        budgets = BUDGETS + ((10**13.5,) if arg == "extended" else ())
         common = {"data.seq_len": 128, "model.max_length": 128, "train.batch_size": 16, "train.eval_batches": 32}
-        runs = isoflop_runs(base, budgets, sizes_per_budget=7, span=4.0, shape_kwargs=SHAPES,
-                            corpus_tokens=TRAIN_BYTES, extra_overrides=common)
-        return Experiment(name=f"chinchilla_isoflop_cpu{'_' + arg if arg else ''}", base_config=BASE, runs=tuple(runs),
-                          description="IsoFLOP profiles of byte-level models on the Python standard library")
+        runs = isoflop_runs(
+            base,
+            budgets,
+            sizes_per_budget=7,
+            span=4.0,
+            shape_kwargs=SHAPES,
+            corpus_tokens=TRAIN_BYTES,
+            extra_overrides=common,
+        )
+        return Experiment(
+            name=f"chinchilla_isoflop_cpu{'_' + arg if arg else ''}",
+            base_config=BASE,
+            runs=tuple(runs),
+            description="IsoFLOP profiles of byte-level models on the Python standard library",
+        )
     if arg == "smoke":
-        common = {"data.seq_len": 64, "model.max_length": 64, "train.batch_size": 8, "train.eval_batches": 2,
-                  "data.max_bytes": 1_000_000}
-        runs = isoflop_runs(base, (5e9,), sizes_per_budget=2, span=2.0, tokens_per_param=2.0, min_steps=10,
-                            log_points=8, shape_kwargs=dict(SHAPES, head_dim=16), extra_overrides=common)
-        return Experiment(name="chinchilla_isoflop_smoke", base_config=BASE, runs=tuple(runs),
-                          description="two tiny runs, for tests")
+        common = {
+            "data.seq_len": 64,
+            "model.max_length": 64,
+            "train.batch_size": 8,
+            "train.eval_batches": 2,
+            "data.max_bytes": 1_000_000,
+        }
+        runs = isoflop_runs(
+            base,
+            (5e9,),
+            sizes_per_budget=2,
+            span=2.0,
+            tokens_per_param=2.0,
+            min_steps=10,
+            log_points=8,
+            shape_kwargs=dict(SHAPES, head_dim=16),
+            extra_overrides=common,
+        )
+        return Experiment(
+            name="chinchilla_isoflop_smoke", base_config=BASE, runs=tuple(runs), description="two tiny runs, for tests"
+        )
     raise ValueError(f"experiments/chinchilla/isoflop_cpu.py: unknown variant {arg!r}; use none, extended or smoke")

@@ -25,10 +25,16 @@ RUNS = {"moe": [], "dense": ["--config.model.num_experts=0", "--config.model.mlp
 
 
 def overrides(steps: int) -> list[str]:
-    return [f"--config.train.steps={steps}", "--config.train.eval_every=50", "--config.train.eval_batches=8",
-            f"--config.train.checkpoint_every={steps}", "--config.train.log_every=10",
-            f"--config.optimizer.warmup_steps={max(1, steps // 10)}", "--config.data.num_workers=0",
-            "--config.train.sample_tokens=1"]
+    return [
+        f"--config.train.steps={steps}",
+        "--config.train.eval_every=50",
+        "--config.train.eval_batches=8",
+        f"--config.train.checkpoint_every={steps}",
+        "--config.train.log_every=10",
+        f"--config.optimizer.warmup_steps={max(1, steps // 10)}",
+        "--config.data.num_workers=0",
+        "--config.train.sample_tokens=1",
+    ]
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -58,16 +64,25 @@ def main(argv):
     os.makedirs(root, exist_ok=True)
     procs = {}
     for name, extra in RUNS.items():  # both at once: two cores
-        cmd = [sys.executable, "-m", "tpullm.train", f"--config={CONFIG}", f"--workdir={root}/{name}",
-               *overrides(_STEPS.value), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tpullm.train",
+            f"--config={CONFIG}",
+            f"--workdir={root}/{name}",
+            *overrides(_STEPS.value),
+            *extra,
+        ]
         log = open(os.path.join(root, f"{name}.log"), "w")
-        procs[name] = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+        )
     for name, proc in procs.items():
         if proc.wait():
             raise SystemExit(f"the {name} run failed; see {root}/{name}.log")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -19,12 +19,34 @@ from tpullm.checkpoint.manager import CONFIG_FILE, read_config, write_config
 from tpullm.config import ConfigError
 
 # Free to change on resume: they shape the remaining steps, not the saved state or the data stream.
-FREE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-        "train.keep_checkpoints", "train.keep_period", "train.checkpoint_minutes", "train.sample_prompt",
-        "train.sample_tokens", "train.sample_temperature", "train.sample_top_k", "train.sample_top_p",
-        "train.allow_changes", "train.profile_steps", "train.grad_accum_steps", "optimizer.learning_rate",
-        "optimizer.warmup_steps", "optimizer.min_lr_ratio", "optimizer.weight_decay", "optimizer.grad_clip",
-        "optimizer.z_loss", "model.remat_policy", "data.num_workers", "data.read_threads", "mesh.")
+FREE = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.keep_period",
+    "train.checkpoint_minutes",
+    "train.sample_prompt",
+    "train.sample_tokens",
+    "train.sample_temperature",
+    "train.sample_top_k",
+    "train.sample_top_p",
+    "train.allow_changes",
+    "train.profile_steps",
+    "train.grad_accum_steps",
+    "optimizer.learning_rate",
+    "optimizer.warmup_steps",
+    "optimizer.min_lr_ratio",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip",
+    "optimizer.z_loss",
+    "model.remat_policy",
+    "data.num_workers",
+    "data.read_threads",
+    "mesh.",
+)
 # With these changed, the saved data iterator position belongs to another stream.
 DATA_STREAM = ("data.", "train.batch_size", "train.seed")
 
@@ -71,15 +93,18 @@ def check_resume(workdir: str, config, newest_step: int | None, log=print) -> di
         raise ConfigError(
             f"{workdir} holds checkpoints of another config ({listed}). Resume with the workdir's values "
             f"({path}), train this config in a new --workdir, or, if the change is deliberate, name the keys in "
-            f"--config.train.allow_changes={','.join(refused)}")
+            f"--config.train.allow_changes={','.join(refused)}"
+        )
     if changed:
         kept = _free_name(workdir, newest_step)
         if jax.process_index() == 0:
             os.replace(path, kept)
         write_config(workdir, config)
-        log(f"config changed since step {newest_step}: "
+        log(
+            f"config changed since step {newest_step}: "
             + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            + f" (the previous config is kept in {kept})")
+            + f" (the previous config is kept in {kept})"
+        )
     return changed
 
 

@@ -58,8 +58,10 @@ def _summary(tree):
 def keyed(tree) -> dict:
     """{'params/layers/attn/query/kernel': leaf, ...}: a pytree flattened to path strings."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path): leaf
-            for path, leaf in leaves}
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path): leaf
+        for path, leaf in leaves
+    }
 
 
 def checksums(tree) -> tuple[dict, bool]:

@@ -25,22 +25,27 @@ EXPORT_PARAMS = "params"  # <export>/params: an Orbax pytree of the params alone
 def path_kind(path: str) -> str:
     """'workdir' (a training run: config.json + checkpoints/) or 'export' (config.json + params/)."""
     if not os.path.exists(os.path.join(path, CONFIG_FILE)):
-        raise FileNotFoundError(f"{os.path.join(path, CONFIG_FILE)} not found: {path} is neither a tpullm workdir "
-                                f"(train with --workdir={path} first) nor an export (python -m tpullm.export)")
+        raise FileNotFoundError(
+            f"{os.path.join(path, CONFIG_FILE)} not found: {path} is neither a tpullm workdir "
+            f"(train with --workdir={path} first) nor an export (python -m tpullm.export)"
+        )
     if os.path.isdir(os.path.join(path, EXPORT_PARAMS)):
         return "export"
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return "workdir"
-    raise FileNotFoundError(f"{path} has a config but neither checkpoints/ (a workdir: train first) nor "
-                            f"{EXPORT_PARAMS}/ (an export)")
+    raise FileNotFoundError(
+        f"{path} has a config but neither checkpoints/ (a workdir: train first) nor {EXPORT_PARAMS}/ (an export)"
+    )
 
 
 def _abstract_params(config):
     """Shapes and dtypes of the params, all placed on this process's first device."""
     model = models.build(config.model)
     device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device_sharding),
-                        jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))))
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device_sharding),
+        jax.eval_shape(lambda: models.init_params(model, jax.random.key(0))),
+    )
 
 
 def _restore_params(manager, step: int, abstract):
@@ -49,7 +54,8 @@ def _restore_params(manager, step: int, abstract):
     state_dir = os.path.join(str(manager.directory), str(step), "state")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True))
+        state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    )
     verify(manager, step, restored)
     return restored
 
@@ -66,8 +72,10 @@ def load_params(path: str, step: int | None = None, log=print):
             raise ValueError(f"{path} is an export of a single step: call load_params without step")
         return ocp.PyTreeCheckpointer().restore(
             os.path.join(path, EXPORT_PARAMS),
-            args=ocp.args.PyTreeRestore(item=abstract,
-                                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+            args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+            ),
+        )
     manager = make_manager(path)
     steps = manager.all_steps()
     if not steps:
@@ -78,8 +86,7 @@ def load_params(path: str, step: int | None = None, log=print):
         check_shapes(os.path.join(str(manager.directory), str(step)), {"params": abstract})
         restored = _restore_params(manager, step, {"params": abstract})
     else:
-        step, restored = restore_newest(manager, {"params": abstract}, move_damaged=False,
-                                        restore_fn=_restore_params)
+        step, restored = restore_newest(manager, {"params": abstract}, move_damaged=False, restore_fn=_restore_params)
         if step is None:
             raise FileNotFoundError(f"no intact checkpoint in {manager.directory} (every step is damaged; see above)")
     log(f"loaded the params of step {step} from {path}")

@@ -52,14 +52,21 @@ def _boot_id() -> str:
 
 def _me() -> dict:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "process_start": _process_start(pid),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": pid,
+        "process_start": _process_start(pid),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def holder_alive(holder: dict, heartbeat_age: float) -> bool:
     """Whether the run described by a lock file's contents may still be running."""
     if holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
-        return holder.get("process_start") is not None and _process_start(holder.get("pid", -1)) == holder["process_start"]
+        return (
+            holder.get("process_start") is not None and _process_start(holder.get("pid", -1)) == holder["process_start"]
+        )
     return heartbeat_age < STALE_SECONDS
 
 
@@ -77,14 +84,18 @@ def _try_acquire(path: str, warn) -> str | None:
             except (OSError, ValueError):
                 holder, age = {}, 0.0  # being written right now by another run: treat as live
             if holder and not holder_alive(holder, age):
-                warn(f"removing a stale lock in {os.path.dirname(path)} (run of pid {holder.get('pid')} on "
-                    f"{holder.get('host')} started {holder.get('started')} is no longer running)")
+                warn(
+                    f"removing a stale lock in {os.path.dirname(path)} (run of pid {holder.get('pid')} on "
+                    f"{holder.get('host')} started {holder.get('started')} is no longer running)"
+                )
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
                 continue
-            return (f"{os.path.dirname(path)} is in use by another run (pid {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}, started {holder.get('started', '?')}; lock file {path}). Wait for it "
-                    f"to finish or stop it, or use another --workdir; if that run is gone, delete {path}")
+            return (
+                f"{os.path.dirname(path)} is in use by another run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}; lock file {path}). Wait for it "
+                f"to finish or stop it, or use another --workdir; if that run is gone, delete {path}"
+            )
         with os.fdopen(fd, "w") as f:
             json.dump(_me(), f)
         return None
@@ -107,6 +118,7 @@ def hold(workdir: str, warn=warn):
     stop = threading.Event()
     heartbeat = None
     if jax.process_index() == 0:
+
         def beat():
             while not stop.wait(HEARTBEAT_SECONDS):
                 with contextlib.suppress(OSError):

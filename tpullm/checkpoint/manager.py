@@ -35,10 +35,12 @@ def make_manager(workdir: str, keep: int = 3, keep_period: int = 0) -> ocp.Check
     Saves are asynchronous: `save` returns once the arrays are on the host. Older steps are
     deleted only after a newer save has committed, and `save` refuses non-finite states, so with
     keep >= 2 a step damaged on disk after its save still leaves the one before it to resume from."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None, create=True,
-                                           enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                 item_names=ITEMS)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, keep_period=keep_period or None, create=True, enable_async_checkpointing=True
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options, item_names=ITEMS
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
@@ -100,6 +102,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a tpullm workdir (train with --workdir={workdir} first)")
+            f"{path} not found: {workdir} is not a tpullm workdir (train with --workdir={workdir} first)"
+        )
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))

@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from tpullm.checkpoint import integrity, manager as ckpt
+from tpullm.checkpoint import integrity
+from tpullm.checkpoint import manager as ckpt
 from tpullm.config import ConfigError
 from tpullm.errors import warn
 
@@ -64,13 +65,17 @@ def check_shapes(step_dir: str, abstract, item: str = "state") -> None:
     except Exception:  # noqa: BLE001 -- unreadable metadata is damage, which the restore reports
         return
     wanted = integrity.keyed(abstract)
-    differences = [f"{path}: saved {_shape(saved.get(path))}, the config makes {_shape(a)}"
-                   for path, a in wanted.items() if _shape(saved.get(path)) != _shape(a)]
+    differences = [
+        f"{path}: saved {_shape(saved.get(path))}, the config makes {_shape(a)}"
+        for path, a in wanted.items()
+        if _shape(saved.get(path)) != _shape(a)
+    ]
     if differences:
         raise CheckpointMismatch(
             f"the checkpoint in {step_dir} does not fit this config's model ({len(differences)} array(s) differ: "
             f"{'; '.join(differences[:4])}); resume with the config the run was trained with "
-            f"(config.json in the workdir), or train the new config in a new --workdir")
+            f"(config.json in the workdir), or train the new config in a new --workdir"
+        )
 
 
 def _shape(a) -> str:

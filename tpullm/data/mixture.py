@@ -33,10 +33,6 @@ def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return keys >> (EPOCH_BITS + DOC_BITS), (keys >> DOC_BITS) & _EPOCH_MASK, keys & _DOC_MASK
 
 
-def source_of_keys(keys: np.ndarray) -> np.ndarray:
-    return np.asarray(keys, dtype=np.int64) >> (EPOCH_BITS + DOC_BITS)
-
-
 def document_weights(token_weights: list[float], mean_tokens: list[float]) -> list[float]:
     """Per-document mixing weights [n_sources] that give each source `token_weights` (normalized)
     of the tokens, for sources whose documents average `mean_tokens` tokens."""
@@ -61,7 +57,7 @@ class Accounting:
     def update(self, started_keys: np.ndarray, source_tokens: np.ndarray) -> None:
         """started_keys [n] int64: documents whose first token is in the batch;
         source_tokens [n_sources] int64: loss tokens of the batch from each source."""
-        self.documents += np.bincount(source_of_keys(started_keys), minlength=len(self.names))
+        self.documents += np.bincount(decode_keys(started_keys)[0], minlength=len(self.names))
         self.tokens += source_tokens
 
     def epochs(self) -> dict[str, float]:
@@ -75,8 +71,10 @@ class Accounting:
 
     def summary(self) -> str:
         shares, epochs = self.token_shares(), self.epochs()
-        return "; ".join(f"{n}: {shares[n]:.1%} of tokens (weight {w:.1%}), {epochs[n]:.3f} epochs"
-                         for n, w in zip(self.names, self.weights))
+        return "; ".join(
+            f"{n}: {shares[n]:.1%} of tokens (weight {w:.1%}), {epochs[n]:.3f} epochs"
+            for n, w in zip(self.names, self.weights)
+        )
 
     def state(self) -> dict:
         return {"documents": self.documents.tolist(), "tokens": self.tokens.tolist()}

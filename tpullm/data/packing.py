@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tpullm.data.mixture import EPOCH_BITS, document_key, source_of_keys
+from tpullm.data.mixture import EPOCH_BITS, decode_keys, document_key
 
 FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -57,8 +57,7 @@ class PackedRows:
         return {f: getattr(self, f)[rows] for f in FIELDS}
 
 
-def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int,
-                   pad_id: int = 0) -> PackedRows:
+def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0) -> PackedRows:
     """Packs documents (token ids without specials) into rows of seq_len; see the module doc."""
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
@@ -95,8 +94,13 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: i
     cols = np.arange(seq_len, dtype=np.int32)
     seg_start = np.maximum.accumulate(np.where(new_segment, cols, 0).astype(np.int32), axis=1)
     positions = (cols - seg_start) * valid
-    return PackedRows(tokens=tokens, targets=targets, segment_ids=segment_ids,
-                      positions=positions.astype(np.int32), loss_mask=valid.astype(np.float32))
+    return PackedRows(
+        tokens=tokens,
+        targets=targets,
+        segment_ids=segment_ids,
+        positions=positions.astype(np.int32),
+        loss_mask=valid.astype(np.float32),
+    )
 
 
 def unigram_entropy(token_lists: Sequence[Sequence[int]], eos_id: int | None = None) -> float:
@@ -187,7 +191,7 @@ class PackedToBatch:
             "positions": batch[f"{PACKED}_positions"].astype(np.int32) * valid,
             "loss_mask": valid.astype(np.float32),
             "_documents": keys[valid & (offsets == 0)],
-            "_source_tokens": np.bincount(source_of_keys(keys[valid]), minlength=self.num_sources).astype(np.int64),
+            "_source_tokens": np.bincount(decode_keys(keys[valid])[0], minlength=self.num_sources).astype(np.int64),
         }
         if self.debug:
             out["document_keys"] = np.where(valid, keys, -1)

@@ -8,7 +8,7 @@
     batches.epochs()           # {source: effective epochs so far}
 
 Per source (all grain MapDatasets, so any element is computed from its index alone):
-  training document indices (hash split, as the skeleton's) -> this process's share
+  training document indices (hash split, `sources.split_indices`) -> this process's share
   [process_index::process_count] -> an endless stream of (source, epoch, document), each epoch
   a new permutation of the share (`EpochShuffle`). Sources are then mixed (`MapDataset.mix`,
   weights per document from the token weights, see mixture.py), tokenized (`DocumentToExample`),
@@ -36,8 +36,16 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from tpullm.data.mixture import Accounting, document_weights
-from tpullm.data.packing import (FIELDS, KEY, PACKED, DocumentToExample, PackedRows, PackedToBatch, pack_documents,
-                                 unigram_entropy)
+from tpullm.data.packing import (
+    FIELDS,
+    KEY,
+    PACKED,
+    DocumentToExample,
+    PackedRows,
+    PackedToBatch,
+    pack_documents,
+    unigram_entropy,
+)
 from tpullm.data.shuffle import EpochShuffle, RowShuffleIterDataset
 from tpullm.data.sources import TokenShards, open_source, specs_from_config, split_indices
 
@@ -75,8 +83,10 @@ class DataSources:
         self.train_ids, self.val_ids = zip(*(split_indices(s, self.val_fraction) for s in self.sources))
         for spec, ids in zip(self.specs, self.train_ids):
             if ids.size == 0:
-                raise ValueError(f"source {spec.name} has no training documents left after holding out "
-                                 f"data.val_fraction={self.val_fraction}")
+                raise ValueError(
+                    f"source {spec.name} has no training documents left after holding out "
+                    f"data.val_fraction={self.val_fraction}"
+                )
 
     @property
     def names(self) -> list[str]:
@@ -84,8 +94,10 @@ class DataSources:
 
     def describe(self) -> list[str]:
         """One line per source: what reading found, and the split."""
-        return [f"{src.describe()}; {tr.size} train / {va.size} validation documents"
-                for src, tr, va in zip(self.sources, self.train_ids, self.val_ids)]
+        return [
+            f"{src.describe()}; {tr.size} train / {va.size} validation documents"
+            for src, tr, va in zip(self.sources, self.train_ids, self.val_ids)
+        ]
 
     def _doc_tokens(self, k: int, i: int) -> np.ndarray:
         ids = self.sources[k].tokens(int(i), self.tokenizer)
@@ -101,13 +113,6 @@ class DataSources:
         picks = ids[np.linspace(0, ids.size - 1, min(sample, ids.size)).astype(int)]
         return float(np.mean([self._doc_tokens(k, i).size for i in picks]))
 
-    def planned_epochs(self, total_tokens: float) -> dict[str, float]:
-        """Epochs of each source a run of `total_tokens` training tokens will make, from the
-        weights (token shares) and each source's estimated size (mean_tokens x documents)."""
-        total_weight = sum(s.weight for s in self.specs)
-        return {s.name: total_tokens * s.weight / total_weight / (self.mean_tokens(k) * self.train_ids[k].size)
-                for k, s in enumerate(self.specs)}
-
     def validation_rows(self, seq_len: int, max_rows: int = 0) -> PackedRows:
         """The validation documents packed into rows, the same every time: one document of each
         source in turn (so a capped set still samples every source), with max_rows > 0 stopping
@@ -119,7 +124,7 @@ class DataSources:
                     docs.append(self._doc_tokens(k, ids[j]))
                     total += docs[-1].size
         rows = pack_documents(docs, seq_len, self.tokenizer.eos_id, self.tokenizer.pad_id)
-        return PackedRows(**{f: getattr(rows, f)[:max_rows or None] for f in FIELDS})
+        return PackedRows(**{f: getattr(rows, f)[: max_rows or None] for f in FIELDS})
 
     def unigram_entropy(self, max_tokens: int = 20_000_000) -> float:
         """Entropy (nats/token) of the training tokens' frequencies, one eos per document, over
@@ -135,9 +140,18 @@ class DataSources:
         return unigram_entropy(docs, eos_id=self.tokenizer.eos_id)
 
 
-def make_pipeline(data_config, tokenizer, batch_size: int, seed: int, process_index: int | None = None,
-                  process_count: int | None = None, *, sources: DataSources | None = None,
-                  num_workers: int | None = None, debug: bool = False) -> "Pipeline":
+def make_pipeline(
+    data_config,
+    tokenizer,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    sources: DataSources | None = None,
+    num_workers: int | None = None,
+    debug: bool = False,
+) -> "Pipeline":
     """This process's infinite stream of training batches, each FIELDS -> [batch_size, seq_len].
 
     batch_size is per process (the global batch / process_count). process_index/count default
@@ -164,8 +178,10 @@ def make_pipeline(data_config, tokenizer, batch_size: int, seed: int, process_in
     for k, (spec, ids) in enumerate(zip(sources.specs, sources.train_ids)):
         share = ids[process_index::process_count]  # a strided share: balanced even when files are sorted by size
         if share.size == 0:
-            raise ValueError(f"source {spec.name} has {ids.size} training documents, fewer than the "
-                             f"{process_count} processes; every process needs at least one")
+            raise ValueError(
+                f"source {spec.name} has {ids.size} training documents, fewer than the "
+                f"{process_count} processes; every process needs at least one"
+            )
         # An endless stream of (source, epoch, document): each epoch a new order of the share.
         streams.append(grain.MapDataset.range(share.size).repeat(None).map_with_index(EpochShuffle(k, share, seed)))
         shares.append(int(share.size))
@@ -173,20 +189,21 @@ def make_pipeline(data_config, tokenizer, batch_size: int, seed: int, process_in
     if len(streams) == 1:
         ds = streams[0]
     else:
-        ds = grain.MapDataset.mix(streams, document_weights(weights, [sources.mean_tokens(k)
-                                                                      for k in range(len(streams))]))
+        ds = grain.MapDataset.mix(
+            streams, document_weights(weights, [sources.mean_tokens(k) for k in range(len(streams))])
+        )
     ds = ds.map(DocumentToExample(sources.sources, tokenizer, sources.add_bos))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)),
-                                              prefetch_buffer_size=64))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)), prefetch_buffer_size=64)
+    )
     it = ConcatThenSplitIterDataset(it, length_struct={PACKED: seq_len, KEY: seq_len}, meta_features=(KEY,))
     window = int(data_config.get("shuffle_window_tokens", 1 << 20)) // seq_len  # rows
     if window > 1:
         # Consecutive rows come from the same few documents when documents are long (a stdlib
         # file is ~60 rows of 256), so a batch would be one or two documents: shuffle rows within
         # windows. Sized in tokens, the window holds the same memory (~20 bytes a token) and takes
-        # the same time to fill (first batch, and replay on restore) whatever seq_len is. On the
-        # demo (100 steps of 16 x 256) the validation loss was 2.167 with 2^18-token windows, 2.106
-        # with 2^20, and 2.121 with the skeleton's global shuffle of all packed rows.
+        # the same time to fill (first batch, and replay on restore) whatever seq_len is; the
+        # README's Data section gives the measured effect of the window size.
         it = RowShuffleIterDataset(it, window, seed)
     it = it.batch(batch_size, drop_remainder=True)
     it = it.map(PackedToBatch(tokenizer.pad_id, len(streams), debug))
@@ -195,9 +212,16 @@ def make_pipeline(data_config, tokenizer, batch_size: int, seed: int, process_in
 
     fingerprint = {
         "sources": [[s.name, s.kind, s.path, n, s.weight] for s, n in zip(sources.specs, shares)],
-        "tokenizer": tokenizer.fingerprint, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-        "process_index": process_index, "process_count": process_count, "num_workers": num_workers,
-        "add_bos": sources.add_bos, "val_fraction": sources.val_fraction, "shuffle_window_rows": window,
+        "tokenizer": tokenizer.fingerprint,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "process_index": process_index,
+        "process_count": process_count,
+        "num_workers": num_workers,
+        "add_bos": sources.add_bos,
+        "val_fraction": sources.val_fraction,
+        "shuffle_window_rows": window,
     }
     return Pipeline(it, Accounting(sources.names, shares, weights), fingerprint)
 
@@ -271,8 +295,13 @@ class Pipeline(grain.DatasetIterator):
         return self.accounting.epochs()
 
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "step": self.step, "fingerprint": self.fingerprint,
-                "accounting": self.accounting.state(), "grain": _to_json(self._iterator.get_state())}
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "accounting": self.accounting.state(),
+            "grain": _to_json(self._iterator.get_state()),
+        }
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -285,7 +314,8 @@ class Pipeline(grain.DatasetIterator):
                 "the checkpoint's data iterator was built differently, so its batches would not continue the "
                 f"run's: {', '.join(f'{k} was {a!r}, is now {b!r}' for k, (a, b) in diff.items())}. Restore with "
                 "the same data config, batch size, seed, process count and data.num_workers, or start the data "
-                "iterator afresh with skip(step) (same batches only if nothing above changed)")
+                "iterator afresh with skip(step) (same batches only if nothing above changed)"
+            )
         self._iterator.set_state(_from_json(state["grain"]))
         self.accounting.set_state(state["accounting"])
         self.step = state["step"]

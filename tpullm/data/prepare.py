@@ -78,8 +78,14 @@ def _process_chunk(texts: Sequence[str]) -> list[tuple[str | None, bytes, np.nda
     reasons = [filters.reason(t) for t in texts]
     kept = [t for t, r in zip(texts, reasons) if r is None]
     encoded = iter(tokenizer.encode_batch(kept))
-    return [(r, hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
-             next(encoded) if r is None else None) for t, r in zip(texts, reasons)]
+    return [
+        (
+            r,
+            hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
+            next(encoded) if r is None else None,
+        )
+        for t, r in zip(texts, reasons)
+    ]
 
 
 def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -96,6 +102,7 @@ def _chunks(texts: Iterator[str]) -> Iterator[list[str]]:
 
 # --------------------------------------------------------------------------- main side
 
+
 @dataclasses.dataclass
 class SourceResult:
     name: str
@@ -108,10 +115,12 @@ class SourceResult:
     def lines(self) -> list[str]:
         dropped = ", ".join(f"{n:,} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
         mean = self.tokens / self.kept if self.kept else 0
-        return [f"{self.name} ({self.spec})",
-                f"  read:    {self.read.summary(self.name).split(': ', 1)[1]}",
-                f"  kept:    {self.kept:,} documents, {self.tokens:,} tokens ({mean:,.0f} per document)",
-                f"  dropped: {dropped}"]
+        return [
+            f"{self.name} ({self.spec})",
+            f"  read:    {self.read.summary(self.name).split(': ', 1)[1]}",
+            f"  kept:    {self.kept:,} documents, {self.tokens:,} tokens ({mean:,.0f} per document)",
+            f"  dropped: {dropped}",
+        ]
 
 
 class _ShardWriter:
@@ -144,8 +153,15 @@ class _ShardWriter:
         return [{"path": n, "documents": d, "tokens": t} for n, d, t in zip(self.names, self.documents, self.tokens)]
 
 
-def prepare(specs: Sequence[SourceSpec], tokenizer_name: str, out: str, shards: int = 4, workers: int = 0,
-            filters: Filters = Filters(), log=print) -> list[SourceResult]:
+def prepare(
+    specs: Sequence[SourceSpec],
+    tokenizer_name: str,
+    out: str,
+    shards: int = 4,
+    workers: int = 0,
+    filters: Filters = Filters(),
+    log=print,
+) -> list[SourceResult]:
     """Writes out/NAME/ shards and manifest for each spec; returns what happened to each."""
     if shards <= 0:
         raise ValueError(f"shards={shards} must be positive")
@@ -160,8 +176,11 @@ def prepare(specs: Sequence[SourceSpec], tokenizer_name: str, out: str, shards: 
     tokenizer = load_tokenizer(tokenizer_name)
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")
     workers = workers or os.cpu_count() or 1
-    pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_name, filters))
-            if workers > 1 else None)
+    pool = (
+        multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_name, filters))
+        if workers > 1
+        else None
+    )
     if pool is None:
         _init_worker(tokenizer_name, filters)
     seen: set[bytes] = set()
@@ -185,18 +204,29 @@ def prepare(specs: Sequence[SourceSpec], tokenizer_name: str, out: str, shards: 
                     result.kept += 1
                     result.tokens += int(ids.size)
             manifest = {
-                "format": TOKENS_FORMAT, "dtype": dtype.str, "documents": result.kept, "tokens": result.tokens,
-                "tokenizer": {"name": tokenizer_name, "fingerprint": tokenizer.fingerprint,
-                              "vocab_size": tokenizer.vocab_size},
-                "shards": writer.close(), "source": spec.path, "filters": dataclasses.asdict(filters),
-                "read": result.read.as_dict(), "dropped": dict(result.dropped),
+                "format": TOKENS_FORMAT,
+                "dtype": dtype.str,
+                "documents": result.kept,
+                "tokens": result.tokens,
+                "tokenizer": {
+                    "name": tokenizer_name,
+                    "fingerprint": tokenizer.fingerprint,
+                    "vocab_size": tokenizer.vocab_size,
+                },
+                "shards": writer.close(),
+                "source": spec.path,
+                "filters": dataclasses.asdict(filters),
+                "read": result.read.as_dict(),
+                "dropped": dict(result.dropped),
             }
             with open(os.path.join(out, spec.name, MANIFEST), "w") as f:
                 json.dump(manifest, f, indent=2)
             if result.kept == 0:
                 log(f"WARNING: nothing of {spec.name} was kept")
-            log("\n".join(result.lines()) + f"\n  wrote {os.path.join(out, spec.name)} in "
-                f"{time.perf_counter() - start:.1f}s")
+            log(
+                "\n".join(result.lines()) + f"\n  wrote {os.path.join(out, spec.name)} in "
+                f"{time.perf_counter() - start:.1f}s"
+            )
             results.append(result)
     finally:
         if pool:
@@ -220,8 +250,14 @@ def _main(argv):
     for item in f.input:
         name, _, path = item.partition("=") if "=" in item.split("/")[0] else ("", "", item)
         specs.append(parse_spec(path, name=name, field=f.field))
-    prepare(specs, f.tokenizer, f.out, shards=f.shards, workers=f.workers,
-            filters=Filters(f.min_chars, f.max_chars, f.max_non_text))
+    prepare(
+        specs,
+        f.tokenizer,
+        f.out,
+        shards=f.shards,
+        workers=f.workers,
+        filters=Filters(f.min_chars, f.max_chars, f.max_non_text),
+    )
 
 
 def main():
@@ -229,8 +265,9 @@ def main():
 
     from tpullm import cli
 
-    flags.DEFINE_multi_string("input", None, "[NAME=]SOURCE, repeatable: python_stdlib, a text glob, *.jsonl, "
-                              "*.parquet, hf:NAME.")
+    flags.DEFINE_multi_string(
+        "input", None, "[NAME=]SOURCE, repeatable: python_stdlib, a text glob, *.jsonl, *.parquet, hf:NAME."
+    )
     flags.DEFINE_string("field", "text", "The text field of JSONL / Parquet / Hugging Face records.")
     flags.DEFINE_string("tokenizer", "bytes", "bytes, or the path of a sentencepiece .model.")
     flags.DEFINE_string("out", None, "Folder to write NAME/ shards and manifests into.")
@@ -238,8 +275,9 @@ def main():
     flags.DEFINE_integer("workers", 0, "Tokenizing processes (0: all cores).")
     flags.DEFINE_integer("min_chars", Filters.min_chars, "Drop documents shorter than this.")
     flags.DEFINE_integer("max_chars", Filters.max_chars, "Drop documents longer than this (0: no limit).")
-    flags.DEFINE_float("max_non_text", Filters.max_non_text, "Drop documents with a larger share of control "
-                       "characters and U+FFFD.")
+    flags.DEFINE_float(
+        "max_non_text", Filters.max_non_text, "Drop documents with a larger share of control characters and U+FFFD."
+    )
     cli.run(_main)
 
 

@@ -2,10 +2,10 @@
 
 Both draw numpy permutations seeded by (seed, ..., epoch or window) rather than grain's
 `MapDataset.shuffle` / `WindowShuffleIterDataset`, whose per-element `index_shuffle` is slow for
-small sets (measured here: 5 ms per element for 12 elements, 0.3 ms for 300, 0.09 ms for 1024), and
-small sets are common: a curated source split over many hosts leaves each a few dozen documents,
-and a window holds 32 rows of 8192 tokens. A permutation costs 4-8 bytes per element and O(n) once
-per epoch or window, then O(1) per element.
+small sets (the README's Data section has the measured cost), and small sets are common: a curated
+source split over many hosts leaves each a few dozen documents, and a window holds 32 rows of 8192
+tokens. A permutation costs 4-8 bytes per element and O(n) once per epoch or window, then O(1) per
+element.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class RowShuffleIterDataset(grain.IterDataset):
 
 
 class _RowShuffleIterator(grain.DatasetIterator):
-
     def __init__(self, parent: grain.DatasetIterator, window: int, seed: int):
         super().__init__(parent)
         self._window, self._seed = window, seed
@@ -110,4 +109,4 @@ class _RowShuffleIterator(grain.DatasetIterator):
         self._index = state["window"]
         self._fill()
         self._pos = min(state["position"], len(self._rows))
-        self._rows[:self._pos] = [None] * self._pos
+        self._rows[: self._pos] = [None] * self._pos

@@ -14,7 +14,7 @@ Reading never drops anything silently: `Counts` tallies files, documents, bytes,
 missing or non-text field), each with its reason; a glob that matches nothing fails with its name.
 
 The pipeline needs random access (a global shuffle, a per-process share), so text sources are
-held in memory (`TextDocuments`, like the skeleton's corpus); a corpus larger than memory goes
+held in memory (`TextDocuments`); a corpus larger than memory goes
 through `python -m tpullm.data.prepare` into ArrayRecord shards (`TokenShards`), read lazily.
 """
 
@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tpullm.data.corpus import PYTHON_STDLIB, _unit_hash, corpus_files, decode_utf8
+from tpullm.data.corpus import PYTHON_STDLIB, corpus_files, decode_utf8
 
 KINDS = ("python_stdlib", "text", "jsonl", "parquet", "arrayrecord", "hf")
 MANIFEST = "manifest.json"
@@ -73,8 +73,10 @@ def detect_kind(path: str) -> str:
     if os.path.isdir(expanded):
         if os.path.isfile(os.path.join(expanded, MANIFEST)):
             return "arrayrecord"
-        raise ValueError(f"{path!r} is a folder without {MANIFEST}: name files with a glob such as "
-                         f"'{path.rstrip('/')}/**/*.txt', or point at a folder written by tpullm.data.prepare")
+        raise ValueError(
+            f"{path!r} is a folder without {MANIFEST}: name files with a glob such as "
+            f"'{path.rstrip('/')}/**/*.txt', or point at a folder written by tpullm.data.prepare"
+        )
     stem = path.rstrip("*")  # data/*.jsonl* names .jsonl and .jsonl.gz files
     stem = stem[:-3] if stem.endswith(".gz") else stem
     if stem.endswith(_JSONL_EXTS):
@@ -115,8 +117,10 @@ def specs_from_config(data) -> list[SourceSpec]:
         entry = dict(mixture[name])
         unknown = sorted(set(entry) - set(_ENTRY_KEYS))
         if unknown or "path" not in entry:
-            raise ValueError(f"data.sources.{name} = {entry}: every source needs a path; allowed keys are "
-                             f"{_ENTRY_KEYS}" + (f" (unknown: {unknown})" if unknown else ""))
+            raise ValueError(
+                f"data.sources.{name} = {entry}: every source needs a path; allowed keys are "
+                f"{_ENTRY_KEYS}" + (f" (unknown: {unknown})" if unknown else "")
+            )
         weight = float(entry.pop("weight", 1.0))
         if not weight > 0:
             raise ValueError(f"data.sources.{name}.weight={weight} must be positive (drop the source instead)")
@@ -135,21 +139,30 @@ class Counts:
         self.bad = collections.Counter()  # reason -> records
 
     def as_dict(self) -> dict:
-        return {"files": self.files, "documents": self.documents, "bytes": self.bytes,
-                "broken_utf8": self.broken_utf8, "empty": self.empty, "bad": dict(self.bad)}
+        return {
+            "files": self.files,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "broken_utf8": self.broken_utf8,
+            "empty": self.empty,
+            "bad": dict(self.bad),
+        }
 
     def summary(self, name: str) -> str:
         bad = "".join(f", {n} {reason}" for reason, n in sorted(self.bad.items()))
-        return (f"{name}: {self.files} files, {self.documents} documents, {self.bytes / 1e6:.1f} MB, "
-                f"{self.broken_utf8} not valid UTF-8 (replaced), {self.empty} empty (skipped){bad}")
+        return (
+            f"{name}: {self.files} files, {self.documents} documents, {self.bytes / 1e6:.1f} MB, "
+            f"{self.broken_utf8} not valid UTF-8 (replaced), {self.empty} empty (skipped){bad}"
+        )
 
 
 def expand_glob(pattern: str, what: str) -> list[str]:
     """Sorted files matching `pattern` (** recurses); a clear error when there are none."""
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not paths:
-        raise FileNotFoundError(f"{what} {pattern!r} matches no files (use ** for subfolders; relative globs "
-                                f"start in {os.getcwd()})")
+        raise FileNotFoundError(
+            f"{what} {pattern!r} matches no files (use ** for subfolders; relative globs start in {os.getcwd()})"
+        )
     return paths
 
 
@@ -191,7 +204,7 @@ def _text_of_record(value, field: str, counts: Counts) -> str | None:
 def _iter_jsonl(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
     for path in expand_glob(spec.path, "JSONL source"):
         counts.files += 1
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 if spec.max_bytes and counts.bytes >= spec.max_bytes:
                     return
@@ -221,15 +234,20 @@ def _iter_parquet(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]
         counts.files += 1
         pf = pq.ParquetFile(path)
         if spec.field not in pf.schema_arrow.names:
-            raise ValueError(f"{path} has no column {spec.field!r} (columns: {pf.schema_arrow.names}); set the "
-                             f"source's field (data.text_field or data.sources.<name>.field)")
+            raise ValueError(
+                f"{path} has no column {spec.field!r} (columns: {pf.schema_arrow.names}); set the "
+                f"source's field (data.text_field or data.sources.<name>.field)"
+            )
         row = 0
         for batch in pf.iter_batches(columns=[spec.field], batch_size=1024):
             for value in batch.column(0).to_pylist():
                 if spec.max_bytes and counts.bytes >= spec.max_bytes:
                     return
-                counts.bytes += len(value.encode("utf-8")) if isinstance(value, str) else (
-                    len(value) if isinstance(value, bytes) else 0)
+                counts.bytes += (
+                    len(value.encode("utf-8"))
+                    if isinstance(value, str)
+                    else (len(value) if isinstance(value, bytes) else 0)
+                )
                 text = _text_of_record(value, spec.field, counts)
                 if text is not None:
                     yield f"{path}:{row}", text
@@ -241,11 +259,13 @@ def _iter_hf(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
         import datasets  # optional and heavy: imported only when a source asks for it
     except ImportError as e:
         raise ImportError(f"source hf:{spec.path} needs the Hugging Face datasets package: pip install datasets") from e
-    ds = datasets.load_dataset(spec.path, spec.hf_config or None, split=spec.hf_split,
-                               data_files=spec.hf_data_files or None)
+    ds = datasets.load_dataset(
+        spec.path, spec.hf_config or None, split=spec.hf_split, data_files=spec.hf_data_files or None
+    )
     if spec.field not in ds.column_names:
-        raise ValueError(f"hf:{spec.path} has no column {spec.field!r} (columns: {ds.column_names}); set the "
-                         f"source's field")
+        raise ValueError(
+            f"hf:{spec.path} has no column {spec.field!r} (columns: {ds.column_names}); set the source's field"
+        )
     counts.files += 1
     row = 0
     for batch in ds.select_columns([spec.field]).iter(batch_size=1024):
@@ -261,14 +281,26 @@ def _iter_hf(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
 
 def iter_texts(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
     """(document name, text) of every document of a text source, streaming, in a fixed order."""
-    readers = {"python_stdlib": _iter_text_files, "text": _iter_text_files, "jsonl": _iter_jsonl,
-               "parquet": _iter_parquet, "hf": _iter_hf}
+    readers = {
+        "python_stdlib": _iter_text_files,
+        "text": _iter_text_files,
+        "jsonl": _iter_jsonl,
+        "parquet": _iter_parquet,
+        "hf": _iter_hf,
+    }
     if spec.kind not in readers:
         raise ValueError(f"source {spec.name} ({spec.kind}) holds token ids, not text")
     return readers[spec.kind](spec, counts)
 
 
 # --------------------------------------------------------------------------- random access
+
+
+def _unit_hash(name: str) -> float:
+    """A hash of `name` in [0, 1), the same in every process (Python's hash() is salted)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
 
 def _unit_hash_indices(key: str, n: int) -> np.ndarray:
     """[n] floats in [0, 1): a hash of (key, i) for i < n, vectorized (splitmix64), the same on
@@ -296,8 +328,8 @@ class TextDocuments:
         return tokenizer.encode_array(self.texts[i])
 
     def unit_hashes(self) -> np.ndarray:
-        """[n] floats in [0, 1) from each document's name, for the train/val split (the same
-        hash as the skeleton's split, so a document keeps its side)."""
+        """[n] floats in [0, 1) from each document's name, for the train/val split: a document
+        keeps its side when files are added or max_bytes changes."""
         return np.array([_unit_hash(n) for n in self.names], dtype=np.float64)
 
     def describe(self) -> str:
@@ -324,13 +356,15 @@ class TokenShards:
                 f"source {spec.name} ({spec.path}) was tokenized with {made_with['name']} "
                 f"({made_with['fingerprint']}), "
                 f"but data.tokenizer is {tokenizer.fingerprint}: set data.tokenizer={made_with['name']!r} or "
-                f"re-run tpullm.data.prepare with this tokenizer")
+                f"re-run tpullm.data.prepare with this tokenizer"
+            )
         self.spec = spec
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self._reader = None
         shards = self.manifest.get("shards")
-        self._lengths = ([int(s["documents"]) for s in shards] if shards
-                         else [len(self._open_shard(p)) for p in self.paths])
+        self._lengths = (
+            [int(s["documents"]) for s in shards] if shards else [len(self._open_shard(p)) for p in self.paths]
+        )
         self._starts = np.cumsum([0] + self._lengths)  # [shards + 1] first global index of each shard
 
     @staticmethod
@@ -363,8 +397,9 @@ class TokenShards:
         return tokens / docs if docs and tokens else None
 
     def describe(self) -> str:
-        return (f"{self.spec.name}: {len(self.paths)} ArrayRecord shards, {len(self):,} documents"
-                + (f", {self.manifest['tokens']:,} tokens" if self.manifest.get("tokens") else ""))
+        return f"{self.spec.name}: {len(self.paths)} ArrayRecord shards, {len(self):,} documents" + (
+            f", {self.manifest['tokens']:,} tokens" if self.manifest.get("tokens") else ""
+        )
 
 
 def open_source(spec: SourceSpec, tokenizer) -> TextDocuments | TokenShards:
@@ -382,9 +417,10 @@ def open_source(spec: SourceSpec, tokenizer) -> TextDocuments | TokenShards:
 
 
 def split_indices(source, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) document indices of a source: a document is held out when the hash of its
-    name is below val_fraction. If that leaves validation empty while val_fraction > 0 (tiny
-    sources), the last training document moves over, as long as training keeps one."""
+    """(train, val) document indices of a source, the one train/validation split rule: a document
+    is held out when the hash of its name (`unit_hashes`) is below val_fraction. If that leaves
+    validation empty while val_fraction > 0 (tiny sources), the last training document moves
+    over, as long as training keeps one."""
     hashes = source.unit_hashes()
     held_out = hashes < val_fraction
     train, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)

@@ -50,7 +50,7 @@ class ByteTokenizer:
         return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
-        """`encode` as an int32 array [n_bytes]: 100x faster than a list for whole corpora."""
+        """`encode` as an int32 array [n_bytes]: no Python int per byte, so whole corpora encode fast."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[np.ndarray]:
@@ -82,14 +82,18 @@ class SentencePieceTokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
-            raise UserError(f"{path} is not a sentencepiece model (it does not parse as one); set data.tokenizer "
-                            f"to 'bytes' or to a .model file written by sentencepiece") from e
+            raise UserError(
+                f"{path} is not a sentencepiece model (it does not parse as one); set data.tokenizer "
+                f"to 'bytes' or to a .model file written by sentencepiece"
+            ) from e
         self.vocab_size = self._sp.vocab_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
-            raise ValueError(f"sentencepiece model {path} has no eos piece; training needs one to mark "
-                             f"document ends (train one with `python -m tpullm.data.tokenizer train`)")
+            raise ValueError(
+                f"sentencepiece model {path} has no eos piece; training needs one to mark "
+                f"document ends (train one with `python -m tpullm.data.tokenizer train`)"
+            )
         pad = self._sp.pad_id()
         self.pad_id = pad if pad >= 0 else max(self._sp.unk_id(), 0)
         self.fingerprint = "sentencepiece:" + hashlib.sha256(model_proto).hexdigest()[:16]
@@ -100,7 +104,8 @@ class SentencePieceTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"sentencepiece model {path!r} not found; set data.tokenizer to 'bytes' or to an existing "
-                f".model file (train one with `python -m tpullm.data.tokenizer train --input=... --out={path}`)")
+                f".model file (train one with `python -m tpullm.data.tokenizer train --input=... --out={path}`)"
+            )
         with open(path, "rb") as f:
             return cls(f.read(), path)
 
@@ -133,13 +138,15 @@ Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
 
 def load_tokenizer(name: str) -> Tokenizer:
-    """"bytes", or the path of a sentencepiece `.model` file."""
+    """ "bytes", or the path of a sentencepiece `.model` file."""
     if name == "bytes":
         return ByteTokenizer()
     if name.endswith(".model") or os.path.isfile(os.path.expanduser(name)):
         return SentencePieceTokenizer.load(name)
-    raise ConfigError(f"unknown tokenizer {name!r}; data.tokenizer must be 'bytes' or the path of a "
-                      f"sentencepiece .model file (allowed: {TOKENIZERS})")
+    raise ConfigError(
+        f"unknown tokenizer {name!r}; data.tokenizer must be 'bytes' or the path of a "
+        f"sentencepiece .model file (allowed: {TOKENIZERS})"
+    )
 
 
 def _training_lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
@@ -156,8 +163,9 @@ def _training_lines(texts: Iterable[str], counts: dict) -> Iterator[str]:
             yield line
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
-                        max_lines: int = 5_000_000, num_threads: int = 0) -> tuple[bytes, dict]:
+def train_sentencepiece(
+    texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_lines: int = 5_000_000, num_threads: int = 0
+) -> tuple[bytes, dict]:
     """(model bytes, counts) of a sentencepiece model trained on the lines of `texts`.
 
     Specials: pad=0, bos=1, eos=2, unk=3, then 256 byte pieces (byte fallback), then the learned
@@ -169,27 +177,48 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not one of {MODEL_TYPES}")
     if vocab_size <= 4 + 256:
-        raise ValueError(f"vocab_size={vocab_size} leaves no room for learned pieces: 4 specials and 256 byte "
-                         f"pieces come first; use vocab_size > 260 (e.g. 8000 to 32000)")
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no room for learned pieces: 4 specials and 256 byte "
+            f"pieces come first; use vocab_size > 260 (e.g. 8000 to 32000)"
+        )
     counts = {"lines": 0, "long_lines": 0}
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, counts), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9995,
-            max_sentence_length=MAX_TRAIN_LINE_BYTES, input_sentence_size=max_lines, shuffle_input_sentence=True,
-            hard_vocab_limit=False, num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+            sentence_iterator=_training_lines(texts, counts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            pad_id=0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=3,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            max_sentence_length=MAX_TRAIN_LINE_BYTES,
+            input_sentence_size=max_lines,
+            shuffle_input_sentence=True,
+            hard_vocab_limit=False,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed on {counts['lines']} lines: {e}. With little text, "
-                         f"lower --vocab_size (sentencepiece needs enough distinct pieces)") from e
+        raise ValueError(
+            f"sentencepiece training failed on {counts['lines']} lines: {e}. With little text, "
+            f"lower --vocab_size (sentencepiece needs enough distinct pieces)"
+        ) from e
     if counts["lines"] == 0:
         raise ValueError("no non-blank lines to train on; check --input")
     return model.getvalue(), counts
 
 
 # --------------------------------------------------------------------------- command line
+
 
 def _main(argv):
     from absl import app, flags
@@ -198,8 +227,10 @@ def _main(argv):
 
     f = flags.FLAGS
     if len(argv) != 2 or argv[1] != "train":
-        raise app.UsageError("usage: python -m tpullm.data.tokenizer train --input=GLOB --vocab_size=N "
-                             "--model_type=bpe|unigram --out=PATH.model")
+        raise app.UsageError(
+            "usage: python -m tpullm.data.tokenizer train --input=GLOB --vocab_size=N "
+            "--model_type=bpe|unigram --out=PATH.model"
+        )
     if not f.input or not f.out:
         raise app.UsageError("--input and --out are required")
     out = os.path.expanduser(f.out)
@@ -212,10 +243,12 @@ def _main(argv):
         fh.write(proto)
     tok = SentencePieceTokenizer(proto, out)
     print(f"read {report.summary(spec.name)}")
-    print(f"trained on {counts['lines']:,} lines ({counts['long_lines']:,} longer than {MAX_TRAIN_LINE_BYTES} "
-          f"bytes left out); wrote {out}: {f.model_type}, vocab_size {tok.vocab_size}, pad/bos/eos/unk "
-          f"= {tok.pad_id}/{tok.bos_id}/{tok.eos_id}/3, byte fallback; set data.tokenizer={out!r} and "
-          f"model.vocab_size >= {tok.vocab_size}")
+    print(
+        f"trained on {counts['lines']:,} lines ({counts['long_lines']:,} longer than {MAX_TRAIN_LINE_BYTES} "
+        f"bytes left out); wrote {out}: {f.model_type}, vocab_size {tok.vocab_size}, pad/bos/eos/unk "
+        f"= {tok.pad_id}/{tok.bos_id}/{tok.eos_id}/3, byte fallback; set data.tokenizer={out!r} and "
+        f"model.vocab_size >= {tok.vocab_size}"
+    )
 
 
 def main():
@@ -223,8 +256,9 @@ def main():
 
     from tpullm import cli
 
-    flags.DEFINE_string("input", None, "Text to train on: a glob of text files, *.jsonl, *.parquet, "
-                        "python_stdlib, hf:NAME.")
+    flags.DEFINE_string(
+        "input", None, "Text to train on: a glob of text files, *.jsonl, *.parquet, python_stdlib, hf:NAME."
+    )
     flags.DEFINE_string("field", "text", "The text field of JSONL / Parquet / Hugging Face records.")
     flags.DEFINE_integer("vocab_size", 8000, "Pieces in the model, including 4 specials and 256 bytes.")
     flags.DEFINE_enum("model_type", "bpe", list(MODEL_TYPES), "Sentencepiece algorithm.")

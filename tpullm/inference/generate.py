@@ -44,9 +44,16 @@ class Completion:
 def decoding_config(cfg):
     """The config the cache runs on: the plain layer scan (no pipeline schedule, no ring; both compute the
     same layers) and dropless experts, so a token's experts never depend on which tokens share its group."""
-    return dataclasses.replace(cfg, pipeline_stages=1, pipeline_microbatches=0, pipeline_repeats=1,
-                               sequence_attention="all_gather", remat_policy="none", moe_dispatch="dropless",
-                               moe_group_size=0)
+    return dataclasses.replace(
+        cfg,
+        pipeline_stages=1,
+        pipeline_microbatches=0,
+        pipeline_repeats=1,
+        sequence_attention="all_gather",
+        remat_policy="none",
+        moe_dispatch="dropless",
+        moe_group_size=0,
+    )
 
 
 def bucket(n: int, smallest: int = 1) -> int:
@@ -62,8 +69,10 @@ class Generator:
     def __init__(self, model: Decoder, params, max_length: int, mesh: jax.sharding.Mesh | None = None):
         cfg = model.config
         if cfg.positions == "learned" and max_length > cfg.max_length:
-            raise UserError(f"max_length={max_length} is longer than the model's learned position table "
-                            f"(model.max_length={cfg.max_length})")
+            raise UserError(
+                f"max_length={max_length} is longer than the model's learned position table "
+                f"(model.max_length={cfg.max_length})"
+            )
         self.model = Decoder(decoding_config(cfg))
         kv_cache.check_decodable(self.model.config)
         self.params = pipeline.to_natural_layers(params, cfg) if cfg.pipeline_microbatches else params
@@ -77,8 +86,14 @@ class Generator:
                 self.params = jax.device_put(self.params, rules.state_shardings(abstract, mesh))
         self._compiled = {}
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None,
-                 eos_id: int | None = None, stop_ids=()) -> list[Completion]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        eos_id: int | None = None,
+        stop_ids=(),
+    ) -> list[Completion]:
         """Continues every prompt (a non-empty list of ids) by up to max_new_tokens, all rows as one batch
         (sampling: default SamplingParams(), temperature 1)."""
         sampling = sampling or SamplingParams()
@@ -88,8 +103,9 @@ class Generator:
         longest = max(len(p) for p in prompts)
         room = self.max_length - max_new_tokens
         if longest > room:
-            raise UserError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                            f"max_length={self.max_length}")
+            raise UserError(
+                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={self.max_length}"
+            )
         if max_new_tokens == 0:
             return [Completion([], [], FINISH_REASONS[LENGTH]) for _ in prompts]
         length = min(bucket(longest, MIN_PROMPT_BUCKET), room)
@@ -97,7 +113,7 @@ class Generator:
         tokens = np.zeros((rows, length), np.int32)
         starts = np.full((rows,), length - 1, np.int32)  # padding rows: one token, finished from the start
         for i, prompt in enumerate(prompts):
-            tokens[i, length - len(prompt):] = prompt
+            tokens[i, length - len(prompt) :] = prompt
             starts[i] = length - len(prompt)
         stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         # One jit per set of filters (the seed is an input); it compiles once per (rows, length) bucket.
@@ -105,15 +121,25 @@ class Generator:
         run = self._compiled.get(filters)
         if run is None:
             run = self._compiled[filters] = self._compile(filters)
-        out, logprobs, reasons, lengths = jax.device_get(run(
-            self.params, tokens, starts, np.int32(len(prompts)), np.int32(max_new_tokens),
-            np.int32(-1 if eos_id is None else eos_id), stops, jax.random.key(sampling.seed)))
+        out, logprobs, reasons, lengths = jax.device_get(
+            run(
+                self.params,
+                tokens,
+                starts,
+                np.int32(len(prompts)),
+                np.int32(max_new_tokens),
+                np.int32(-1 if eos_id is None else eos_id),
+                stops,
+                jax.random.key(sampling.seed),
+            )
+        )
         completions = []
         for i in range(len(prompts)):
             n, reason = int(lengths[i]), int(reasons[i])
             stop_token = int(out[i, n]) if reason == STOP else None
-            completions.append(Completion(out[i, :n].tolist(), logprobs[i, :n].tolist(), FINISH_REASONS[reason],
-                                          stop_token))
+            completions.append(
+                Completion(out[i, :n].tolist(), logprobs[i, :n].tolist(), FINISH_REASONS[reason], stop_token)
+            )
         return completions
 
     def _compile(self, sampling: SamplingParams):
@@ -126,13 +152,24 @@ class Generator:
             real = index[None, :] >= starts[:, None]  # [rows, length]
             positions = jnp.where(real, index[None, :] - starts[:, None], 0)
             logits, variables = model.apply(
-                {"params": params}, tokens, segment_ids=real.astype(jnp.int32), positions=positions, cache="prefill",
-                cache_slots=kv_cache.slots(model.config, self.max_length), mutable=["cache"])
+                {"params": params},
+                tokens,
+                segment_ids=real.astype(jnp.int32),
+                positions=positions,
+                cache="prefill",
+                cache_slots=kv_cache.slots(model.config, self.max_length),
+                mutable=["cache"],
+            )
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
-            state = dict(step=jnp.int32(0), cache=variables["cache"], logits=logits[:, -1].astype(jnp.float32),
-                         out=jnp.zeros((rows, steps), jnp.int32), logprobs=jnp.zeros((rows, steps), jnp.float32),
-                         reason=jnp.where(jnp.arange(rows) < num_prompts, RUNNING, LENGTH),
-                         length=jnp.zeros((rows,), jnp.int32))
+            state = dict(
+                step=jnp.int32(0),
+                cache=variables["cache"],
+                logits=logits[:, -1].astype(jnp.float32),
+                out=jnp.zeros((rows, steps), jnp.int32),
+                logprobs=jnp.zeros((rows, steps), jnp.float32),
+                reason=jnp.where(jnp.arange(rows) < num_prompts, RUNNING, LENGTH),
+                length=jnp.zeros((rows,), jnp.int32),
+            )
 
             def running(s):
                 return (s["step"] < max_new) & jnp.any(s["reason"] == RUNNING)
@@ -147,12 +184,22 @@ class Generator:
                 reason = jnp.where((reason == RUNNING) & (t + 1 >= max_new), LENGTH, reason)
                 kept = live & (ended == RUNNING)  # the token joins the output (an eos/stop token does not)
                 positions = (length + t - starts)[:, None]  # [rows, 1]
-                logits, variables = model.apply({"params": params, "cache": s["cache"]}, token[:, None],
-                                                positions=positions, cache="decode", mutable=["cache"])
-                return dict(step=t + 1, cache=variables["cache"], logits=logits[:, 0].astype(jnp.float32),
-                            out=s["out"].at[:, t].set(jnp.where(live, token, s["out"][:, t])),
-                            logprobs=s["logprobs"].at[:, t].set(logprob),
-                            reason=reason, length=s["length"] + kept)
+                logits, variables = model.apply(
+                    {"params": params, "cache": s["cache"]},
+                    token[:, None],
+                    positions=positions,
+                    cache="decode",
+                    mutable=["cache"],
+                )
+                return dict(
+                    step=t + 1,
+                    cache=variables["cache"],
+                    logits=logits[:, 0].astype(jnp.float32),
+                    out=s["out"].at[:, t].set(jnp.where(live, token, s["out"][:, t])),
+                    logprobs=s["logprobs"].at[:, t].set(logprob),
+                    reason=reason,
+                    length=s["length"] + kept,
+                )
 
             final = jax.lax.while_loop(running, step, state)
             return final["out"], final["logprobs"], final["reason"], final["length"]
@@ -160,8 +207,9 @@ class Generator:
         if self.mesh is None:
             return jax.jit(run)
         compiled = jax.jit(run)
-        rows_spec = NamedSharding(self.mesh, PartitionSpec(nn.logical_to_mesh_axes(
-            ("cache_batch",), rules.LOGICAL_AXIS_RULES)[0]))
+        rows_spec = NamedSharding(
+            self.mesh, PartitionSpec(nn.logical_to_mesh_axes(("cache_batch",), rules.LOGICAL_AXIS_RULES)[0])
+        )
 
         def on_mesh(params, tokens, starts, *rest):
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):

@@ -23,13 +23,17 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"temperature={temperature} must be >= 0 and finite (0: greedy)")
     if not 0 < top_p <= 1:
-        raise UserError(f"top_p={top_p} must be in (0, 1]: the smallest set of tokens whose probability reaches "
-                        f"top_p is kept (1: all); use temperature=0 for greedy")
+        raise UserError(
+            f"top_p={top_p} must be in (0, 1]: the smallest set of tokens whose probability reaches "
+            f"top_p is kept (1: all); use temperature=0 for greedy"
+        )
     if top_k < 0:
         raise UserError(f"top_k={top_k} must be >= 0 (0: all tokens)")
     if not 0 <= min_p <= 1:
-        raise UserError(f"min_p={min_p} must be in [0, 1]: tokens less likely than min_p x the most likely token "
-                        f"are excluded (0: none)")
+        raise UserError(
+            f"min_p={min_p} must be in [0, 1]: tokens less likely than min_p x the most likely token "
+            f"are excluded (0: none)"
+        )
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
 
@@ -48,8 +52,14 @@ class SamplingParams:
         check_sampling(self.temperature, self.top_k, self.top_p, min_p=self.min_p)
 
 
-def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                  vocab_size: int | None = None):
+def filter_logits(
+    logits,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    vocab_size: int | None = None,
+):
     """logits: [batch, vocab] -> float32 logits scaled by 1/temperature, excluded tokens at -inf."""
     check_sampling(temperature, top_k, top_p, min_p=min_p)
     logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
@@ -74,8 +84,15 @@ def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float
     return logits
 
 
-def sample(rng, logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-           vocab_size: int | None = None):
+def sample(
+    rng,
+    logits,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    vocab_size: int | None = None,
+):
     """One token per row of logits [batch, vocab] (one rng for the batch); temperature 0 means greedy."""
     logits = filter_logits(logits, temperature, top_k, top_p, min_p, vocab_size)
     if temperature == 0:

@@ -6,8 +6,9 @@ from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, check_sampling
 
 
-def complete_texts(model, params, tokenizer, texts: list[str], max_new_tokens: int, sampling: SamplingParams,
-                   train_length: int) -> list[str]:
+def complete_texts(
+    model, params, tokenizer, texts: list[str], max_new_tokens: int, sampling: SamplingParams, train_length: int
+) -> list[str]:
     """Each text's continuation (decoded new tokens), all texts decoded as one batch.
 
     A model with learned positions cannot see past its position table (model.max_length): such prompts
@@ -20,12 +21,16 @@ def complete_texts(model, params, tokenizer, texts: list[str], max_new_tokens: i
     cfg = model.config
     if cfg.positions == "learned":
         if max_new_tokens >= cfg.max_length:
-            raise UserError(f"max_new_tokens={max_new_tokens} must be below the model's learned position table "
-                            f"(model.max_length={cfg.max_length})")
+            raise UserError(
+                f"max_new_tokens={max_new_tokens} must be below the model's learned position table "
+                f"(model.max_length={cfg.max_length})"
+            )
         keep = cfg.max_length - max_new_tokens
         if any(len(p) > keep for p in prompts):
-            warn(f"prompts longer than {keep} tokens keep their last {keep}: the model has {cfg.max_length} "
-                 f"learned positions and max_new_tokens={max_new_tokens}")
+            warn(
+                f"prompts longer than {keep} tokens keep their last {keep}: the model has {cfg.max_length} "
+                f"learned positions and max_new_tokens={max_new_tokens}"
+            )
             prompts = [p[-keep:] for p in prompts]
     max_length = max(len(p) for p in prompts) + max_new_tokens
     if max_length > train_length:

@@ -1,11 +1,13 @@
 """Converters between tpullm and other libraries' checkpoints.
 
-    from tpullm.interop import from_hf
+    from tpullm.interop import from_hf, unpad_vocab
     cfg, params = from_hf(hf_model)  # a transformers LLaMA / Mistral / Qwen2 / GPT-2 causal LM
+    params = unpad_vocab(cfg, params)  # the vocab tables without padding rows: what an export writes
 
 Importing this package does not import torch or transformers.
 """
 
 from tpullm.interop.hf import SUPPORTED_MODEL_TYPES, config_from_hf, from_hf
+from tpullm.interop.vocab import pad_vocab, unpad_vocab
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "pad_vocab", "unpad_vocab"]

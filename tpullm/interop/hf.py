@@ -25,6 +25,7 @@ import numpy as np
 
 from tpullm import models
 from tpullm.config import ModelConfig
+from tpullm.interop.vocab import pad_vocab
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
@@ -41,7 +42,8 @@ class _StateDict:
         if name not in self.arrays:
             raise ValueError(
                 f"the HF state_dict has no {name!r}; from_hf expects a *ForCausalLM / *LMHeadModel "
-                f"(with its language-model head), not a bare base model")
+                f"(with its language-model head), not a bare base model"
+            )
         self.used.add(name)
         return self.arrays[name]
 
@@ -61,7 +63,8 @@ class _StateDict:
         if unused:
             raise ValueError(
                 f"{model_type}: the HF state_dict has weights the converted model would drop: {unused[:8]}"
-                f"{' ...' if len(unused) > 8 else ''}; this checkpoint uses a feature from_hf does not map")
+                f"{' ...' if len(unused) > 8 else ''}; this checkpoint uses a feature from_hf does not map"
+            )
 
 
 def _linear_in_heads(heads: int, head_dim: int):
@@ -92,16 +95,19 @@ def _rope_theta(hf_config) -> float:
     if "rope_theta" not in rope:
         raise ValueError(
             f"{hf_config.model_type}: per-layer-type RoPE parameters {sorted(rope)} are not supported; "
-            f"tpullm uses one RoPE for every layer")
+            f"tpullm uses one RoPE for every layer"
+        )
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(
             f"{hf_config.model_type}: RoPE scaling rope_type={rope_type!r} is not supported; tpullm "
-            f"implements only the default (unscaled) RoPE")
+            f"implements only the default (unscaled) RoPE"
+        )
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(
             f"{hf_config.model_type}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported; "
-            f"tpullm rotates the whole head dimension")
+            f"tpullm rotates the whole head dimension"
+        )
     return float(rope["rope_theta"])
 
 
@@ -115,11 +121,24 @@ def _llama_like_config(c, *, qkv_bias: bool, dense_bias: bool, sliding_window: i
     _require(c.hidden_act in ("silu", "swish"), c, f"hidden_act={c.hidden_act!r} (only silu, i.e. SwiGLU)")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return ModelConfig(
-        vocab_size=c.vocab_size, embed_dim=c.hidden_size, num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-        head_dim=head_dim, mlp_dim=c.intermediate_size, mlp="swiglu", norm="rmsnorm", norm_eps=c.rms_norm_eps,
-        positions="rope", rope_theta=_rope_theta(c), max_length=c.max_position_embeddings, qkv_bias=qkv_bias,
-        dense_bias=dense_bias, sliding_window=sliding_window, tie_embeddings=bool(c.tie_word_embeddings))
+        vocab_size=c.vocab_size,
+        embed_dim=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=head_dim,
+        mlp_dim=c.intermediate_size,
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=c.rms_norm_eps,
+        positions="rope",
+        rope_theta=_rope_theta(c),
+        max_length=c.max_position_embeddings,
+        qkv_bias=qkv_bias,
+        dense_bias=dense_bias,
+        sliding_window=sliding_window,
+        tie_embeddings=bool(c.tie_word_embeddings),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +162,7 @@ def _qwen2_config(c) -> ModelConfig:
     # type: "sliding_attention" layers (from max_window_layers on) use the window, the rest do not.
     layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
     windows = {(c.sliding_window or 0) if t == "sliding_attention" else 0 for t in layer_types}
-    _require(len(windows) == 1, c,
-             f"a mix of sliding-window and full-attention layers (layer_types={layer_types})")
+    _require(len(windows) == 1, c, f"a mix of sliding-window and full-attention layers (layer_types={layer_types})")
     return _llama_like_config(c, qkv_bias=True, dense_bias=False, sliding_window=windows.pop())
 
 
@@ -178,8 +196,12 @@ def _llama_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
         "token_embed": {"embedding": sd.get("model.embed_tokens.weight")},
         "layers": {
             "attn_norm": {"scale": sd.stack(layer + "input_layernorm.weight", n)},
-            "attention": {"query": projection("q_proj", h), "key": projection("k_proj", kv),
-                          "value": projection("v_proj", kv), "out": out},
+            "attention": {
+                "query": projection("q_proj", h),
+                "key": projection("k_proj", kv),
+                "value": projection("v_proj", kv),
+                "out": out,
+            },
             "mlp_norm": {"scale": sd.stack(layer + "post_attention_layernorm.weight", n)},
         },
         "final_norm": {"scale": sd.get("model.norm.weight")},
@@ -187,8 +209,11 @@ def _llama_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
     if cfg.num_experts:  # Mixtral
         params["layers"]["moe"] = _mixtral_experts(cfg, sd)
     else:
-        params["layers"]["mlp"] = {"gate": dense("mlp.gate_proj", cfg.mlp_dim), "up": dense("mlp.up_proj", cfg.mlp_dim),
-                                   "down": dense("mlp.down_proj", cfg.embed_dim)}
+        params["layers"]["mlp"] = {
+            "gate": dense("mlp.gate_proj", cfg.mlp_dim),
+            "up": dense("mlp.up_proj", cfg.mlp_dim),
+            "down": dense("mlp.down_proj", cfg.embed_dim),
+        }
     _lm_head(cfg, sd, params)
     return params
 
@@ -204,9 +229,15 @@ def _mixtral_config(c) -> ModelConfig:
     _require(c.num_experts_per_tok >= 2, c, f"num_experts_per_tok={c.num_experts_per_tok} (HF's top-1 gate is 1)")
     base = _llama_like_config(c, qkv_bias=False, dense_bias=False, sliding_window=c.sliding_window or 0)
     return dataclasses.replace(
-        base, num_experts=c.num_local_experts, experts_per_token=c.num_experts_per_tok, moe_every=1,
-        moe_dispatch="dropless", router_aux_loss=float(c.router_aux_loss_coef), router_z_loss=0.0,
-        router_jitter=float(c.router_jitter_noise))
+        base,
+        num_experts=c.num_local_experts,
+        experts_per_token=c.num_experts_per_tok,
+        moe_every=1,
+        moe_dispatch="dropless",
+        router_aux_loss=float(c.router_aux_loss_coef),
+        router_z_loss=0.0,
+        router_jitter=float(c.router_jitter_noise),
+    )
 
 
 def _mixtral_experts(cfg: ModelConfig, sd: _StateDict) -> dict:
@@ -234,17 +265,33 @@ def _lm_head(cfg: ModelConfig, sd: _StateDict, params: dict) -> None:
 
 
 def _gpt2_config(c) -> ModelConfig:
-    _require(c.activation_function in ("gelu_new", "gelu_pytorch_tanh"), c,
-             f"activation_function={c.activation_function!r} (only the tanh GELU: gelu_new)")
+    _require(
+        c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
+        c,
+        f"activation_function={c.activation_function!r} (only the tanh GELU: gelu_new)",
+    )
     _require(c.scale_attn_weights, c, "scale_attn_weights=False (unscaled attention scores)")
     _require(not c.scale_attn_by_inverse_layer_idx, c, "scale_attn_by_inverse_layer_idx=True")
     _require(not c.add_cross_attention, c, "add_cross_attention=True")
     return ModelConfig(
-        vocab_size=c.vocab_size, embed_dim=c.n_embd, num_layers=c.n_layer, num_heads=c.n_head,
-        num_kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, mlp_dim=c.n_inner or 4 * c.n_embd, mlp="gelu",
-        norm="layernorm", norm_bias=True, norm_eps=c.layer_norm_epsilon, positions="learned",
-        max_length=c.n_positions, qkv_bias=True, dense_bias=True, sliding_window=0,
-        tie_embeddings=bool(c.tie_word_embeddings))
+        vocab_size=c.vocab_size,
+        embed_dim=c.n_embd,
+        num_layers=c.n_layer,
+        num_heads=c.n_head,
+        num_kv_heads=c.n_head,
+        head_dim=c.n_embd // c.n_head,
+        mlp_dim=c.n_inner or 4 * c.n_embd,
+        mlp="gelu",
+        norm="layernorm",
+        norm_bias=True,
+        norm_eps=c.layer_norm_epsilon,
+        positions="learned",
+        max_length=c.n_positions,
+        qkv_bias=True,
+        dense_bias=True,
+        sliding_window=0,
+        tie_embeddings=bool(c.tie_word_embeddings),
+    )
 
 
 def _gpt2_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
@@ -253,9 +300,11 @@ def _gpt2_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
 
     def qkv(which: int) -> dict:
         """Slice `which` (0: q, 1: k, 2: v) of the fused c_attn, whose output is [q | k | v]."""
-        part = lambda w: _heads(h, d)(w[..., which * e:(which + 1) * e])  # noqa: E731
-        return {"kernel": sd.stack(layer + "attn.c_attn.weight", n, part),
-                "bias": sd.stack(layer + "attn.c_attn.bias", n, part)}
+        part = lambda w: _heads(h, d)(w[..., which * e : (which + 1) * e])  # noqa: E731
+        return {
+            "kernel": sd.stack(layer + "attn.c_attn.weight", n, part),
+            "bias": sd.stack(layer + "attn.c_attn.bias", n, part),
+        }
 
     def norm(template: str, stacked: bool = True) -> dict:
         get = (lambda name: sd.stack(template + name, n)) if stacked else (lambda name: sd.get(template + name))
@@ -269,8 +318,12 @@ def _gpt2_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
         "pos_embed": {"embedding": sd.get("transformer.wpe.weight")},
         "layers": {
             "attn_norm": norm(layer + "ln_1."),
-            "attention": {"query": qkv(0), "key": qkv(1), "value": qkv(2),
-                          "out": conv1d("attn.c_proj", lambda w: w.reshape(h, d, e))},
+            "attention": {
+                "query": qkv(0),
+                "key": qkv(1),
+                "value": qkv(2),
+                "out": conv1d("attn.c_proj", lambda w: w.reshape(h, d, e)),
+            },
             "mlp_norm": norm(layer + "ln_2."),
             "mlp": {"up": conv1d("mlp.c_fc"), "down": conv1d("mlp.c_proj")},
         },
@@ -296,23 +349,26 @@ SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 def _family(model_type):
     if model_type not in _FAMILIES:
         raise ValueError(
-            f"unsupported HF model_type {model_type!r}; from_hf supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"unsupported HF model_type {model_type!r}; from_hf supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     return _FAMILIES[model_type]
 
 
-def config_from_hf(hf_config) -> ModelConfig:
+def config_from_hf(hf_config, vocab_pad_multiple: int = 1) -> ModelConfig:
     """The resolved ModelConfig of an HF config (LlamaConfig, MistralConfig, Qwen2Config, GPT2Config,
-    MixtralConfig)."""
+    MixtralConfig), its tables padded to a multiple of `vocab_pad_multiple` rows (see ModelConfig)."""
     config_fn, _ = _family(getattr(hf_config, "model_type", None))
-    return config_fn(hf_config).resolve()
+    return dataclasses.replace(config_fn(hf_config), vocab_pad_multiple=vocab_pad_multiple).resolve()
 
 
 def _check_structure(cfg: ModelConfig, params: dict) -> None:
     """Raises unless params have exactly the paths and shapes of a freshly initialized Decoder."""
     model = models.build(cfg)
     expected = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
-                           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    def shapes(tree):
+        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
     want, got = shapes(expected), shapes(params)
     problems = [f"missing {k} {v}" for k, v in want.items() if k not in got]
     problems += [f"unexpected {k} {v}" for k, v in got.items() if k not in want]
@@ -321,20 +377,22 @@ def _check_structure(cfg: ModelConfig, params: dict) -> None:
         raise ValueError("converted params do not match the tpullm Decoder: " + "; ".join(problems))
 
 
-def from_hf(hf_model) -> tuple[ModelConfig, dict]:
+def from_hf(hf_model, vocab_pad_multiple: int = 1) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of an HF causal LM, params a plain dict pytree of float32 jnp arrays.
 
     Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel and
     MixtralForCausalLM (top-2 or more experts per token),
     dispatching on `hf_model.config.model_type`; raises ValueError for other model types and
     for config features the Decoder cannot represent (RoPE scaling, per-layer windows, ...).
+    `vocab_pad_multiple` > 1 pads the embedding and logits tables with zero rows (GPT-2's 50257
+    ids to 50304 with 128, so tensor parallelism can split them); the logits of the real ids stay HF's.
     """
     hf_config = hf_model.config
     model_type = getattr(hf_config, "model_type", None)
     _, weights_fn = _family(model_type)
-    cfg = config_from_hf(hf_config)
+    cfg = config_from_hf(hf_config, vocab_pad_multiple)
     sd = _StateDict(hf_model)
-    params = weights_fn(cfg, sd)
+    params = pad_vocab(cfg, weights_fn(cfg, sd))
     sd.check_all_used(model_type)
     _check_structure(cfg, params)
     return cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)

@@ -1,7 +1,7 @@
 """Pure linen models. `build(model_config)` returns the module; params are a plain pytree.
 
-    model = models.build(model_config)
-    logits = model.apply({"params": params}, tokens)  # [batch, length, vocab]
+model = models.build(model_config)
+logits = model.apply({"params": params}, tokens)  # [batch, length, vocab]
 """
 
 import flax.linen as nn

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import kv_cache, ring_attention
+from tpullm.models import kv_cache, pipeline, ring_attention
 from tpullm.models.dot_product import attention_mask, dot_product_attention
 from tpullm.models.mlp import residual_std
 from tpullm.models.rope import apply_rope
@@ -23,21 +23,30 @@ class Attention(nn.Module):
         spans the output dimensions (by default all kernel axes but the first)."""
         cfg = self.config
         return nn.Einsum(
-            shape, equation, use_bias=bias, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            shape,
+            equation,
+            use_bias=bias,
+            dtype=jnp.dtype(cfg.compute_dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
             kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes or axes[1:]), name=name)
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes or axes[1:]),
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x, segment_ids, positions):
         """x: [batch, length, embed]; segment_ids, positions: [batch, length] int."""
         cfg = self.config
         d, h, kv, hd = x.shape[-1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = self.projection((d, h, hd), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "query",
-                            cfg.init_std, cfg.qkv_bias)(x)  # [b, l, heads, hd]
-        k = self.projection((d, kv, hd), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "key",
-                            cfg.init_std, cfg.qkv_bias)(x)  # [b, l, kv_heads, hd]
-        v = self.projection((d, kv, hd), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "value",
-                            cfg.init_std, cfg.qkv_bias)(x)  # [b, l, kv_heads, hd]
+        q = self.projection(
+            (d, h, hd), ("embed", "heads", "head_dim"), "bld,dhk->blhk", "query", cfg.init_std, cfg.qkv_bias
+        )(x)  # [b, l, heads, hd]
+        k = self.projection(
+            (d, kv, hd), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "key", cfg.init_std, cfg.qkv_bias
+        )(x)  # [b, l, kv_heads, hd]
+        v = self.projection(
+            (d, kv, hd), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "value", cfg.init_std, cfg.qkv_bias
+        )(x)  # [b, l, kv_heads, hd]
         if cfg.positions == "rope":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
@@ -54,12 +63,27 @@ class Attention(nn.Module):
         elif self.cache == "decode":
             out = kv_cache.decode(self, cfg, q, k, v, positions)
         elif cfg.sequence_attention == "ring":
-            out = ring_attention.ring_attention(q, k, v, index, segment_ids, cfg.sliding_window,
-                                               zigzag=ring_attention.load_balanced(cfg))
+            out = ring_attention.ring_attention(
+                q,
+                k,
+                v,
+                index,
+                segment_ids,
+                cfg.sliding_window,
+                zigzag=ring_attention.load_balanced(cfg),
+                mapped_axes=pipeline.mapped_axes(cfg),
+            )
         else:
             mask = attention_mask(index, index, segment_ids, segment_ids, cfg.sliding_window)
             mask = nn.with_logical_constraint(mask, ("activation_batch", "activation_length", None))  # local queries
             out = dot_product_attention(q, k, v, mask)  # [b, l, heads, hd]
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
-        return self.projection((h, hd, d), ("heads", "head_dim", "embed"), "blhk,hkd->bld", "out",
-                               residual_std(cfg), cfg.dense_bias, bias_axes=("embed",))(out)  # [b, l, embed]
+        return self.projection(
+            (h, hd, d),
+            ("heads", "head_dim", "embed"),
+            "blhk,hkd->bld",
+            "out",
+            residual_std(cfg),
+            cfg.dense_bias,
+            bias_axes=("embed",),
+        )(out)  # [b, l, embed]

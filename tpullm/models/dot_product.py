@@ -28,17 +28,26 @@ def attention_mask(q_index, k_index, q_segment, k_segment, window: int = 0):
     return visible[None] & same_doc
 
 
+def group_heads(x, kv_heads: int):
+    """[b, l, heads, d] -> [b, l, kv_heads, group, d]: query heads grouped by their key/value head."""
+    b, length, heads, d = x.shape
+    return x.reshape(b, length, kv_heads, heads // kv_heads, d)
+
+
+def masked_scores(q, k, mask):
+    """q k^T / sqrt(d) in float32, MASKED where `mask` hides the key: q [b, lq, kv_heads, group, d]
+    (grouped), k [b, lk, kv_heads, d], mask bool [b, lq, lk] -> [b, kv_heads, group, lq, lk]."""
+    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+    return jnp.where(mask[:, None, None], scores, MASKED)
+
+
 def dot_product_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(d)) v, with key/value heads shared by groups of query heads.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
     mask: bool [batch, q_len, k_len]. Returns [batch, q_len, heads, head_dim].
     """
-    b, q_len, heads, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, q_len, kv_heads, heads // kv_heads, d)  # [b, q, kv_heads, group, d]
-    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, MASKED)  # [b, kv_heads, group, q, k]
+    scores = masked_scores(group_heads(q, k.shape[2]), k, mask)  # [b, kv_heads, group, q, k]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bngqk,bknd->bqngd", probs, v)
-    return out.reshape(b, q_len, heads, d)
+    return out.reshape(q.shape)

@@ -33,8 +33,10 @@ def slots(cfg: ModelConfig, max_length: int) -> int:
 def check_decodable(cfg: ModelConfig) -> None:
     """The cache runs on the plain layer scan: no pipeline schedule, no ring attention."""
     if cfg.pipeline_microbatches:
-        raise ValueError("KV-cache decoding needs model.pipeline_microbatches=0 (tpullm.inference.generate "
-                         "converts a pipelined model's params to the plain layer stack)")
+        raise ValueError(
+            "KV-cache decoding needs model.pipeline_microbatches=0 (tpullm.inference.generate "
+            "converts a pipelined model's params to the plain layer stack)"
+        )
     if cfg.sequence_attention == "ring":
         raise ValueError("KV-cache decoding needs model.sequence_attention='all_gather', not 'ring'")
 
@@ -44,7 +46,7 @@ def _in_slots(x, n: int):
     length = x.shape[1]
     if length <= n:
         return jnp.pad(x, [(0, 0), (0, n - length)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.roll(x[:, length - n:], (length - n) % n, axis=1)
+    return jnp.roll(x[:, length - n :], (length - n) % n, axis=1)
 
 
 def _variables(module: nn.Module, shape, dtype):

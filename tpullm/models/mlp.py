@@ -9,9 +9,20 @@ from tpullm.config import ModelConfig
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float, bias: bool):
     """A Dense layer whose kernel carries logical axis names (`axes` = (in, out))."""
     return nn.Dense(
-        features, use_bias=bias, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        features,
+        use_bias=bias,
+        dtype=jnp.dtype(cfg.compute_dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        name=name,
+    )
+
+
+def activation(kind: str, up, gate=None):
+    """The hidden activation of a feed-forward block (dense or expert): silu(gate) * up for
+    "swiglu", else GELU (tanh approximation) of up."""
+    return nn.silu(gate) * up if kind == "swiglu" else nn.gelu(up, approximate=True)
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -26,10 +37,10 @@ class Mlp(nn.Module):
     def __call__(self, x):  # [batch, length, embed]
         cfg = self.config
         up = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "up", cfg.init_std, cfg.dense_bias)(x)  # [b, l, mlp]
+        gate = None
         if cfg.mlp == "swiglu":
             gate = dense(cfg, cfg.mlp_dim, ("embed", "mlp"), "gate", cfg.init_std, cfg.dense_bias)(x)
-            h = nn.silu(gate) * up
-        else:
-            h = nn.gelu(up, approximate=True)
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = nn.with_logical_constraint(
+            activation(cfg.mlp, up, gate), ("activation_batch", "activation_length", "activation_mlp")
+        )
         return dense(cfg, x.shape[-1], ("mlp", "embed"), "down", residual_std(cfg), cfg.dense_bias)(h)

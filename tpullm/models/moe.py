@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ConfigError, ModelConfig, moe_group_error
-from tpullm.models import expert_parallel
-from tpullm.models.mlp import residual_std
+from tpullm.models import expert_parallel, pipeline
+from tpullm.models.mlp import activation, residual_std
 
 # Expert-major activations [E, batch, groups, slots, ...]: the expert dimension on the `expert` mesh
 # axis, the rows on the other batch axes (the rules' fallback for activation_batch), so the
@@ -118,16 +118,12 @@ def capacity_masks(experts, gates, weight, num_experts: int, slots: int):
     return dispatch, combine, kept.astype(jnp.float32)
 
 
-def hidden(mlp: str, up, gate):
-    return nn.silu(gate) * up if mlp == "swiglu" else nn.gelu(up, approximate=True)
-
-
 def grouped_mlp(rows, group_sizes, w, mlp: str):
     """rows [R, d] sorted by expert, group_sizes [E] -> [R, d]: each run of rows through
     its expert, as one grouped matmul per weight; rows past sum(group_sizes) give 0."""
     up = jax.lax.ragged_dot(rows, w["up"], group_sizes)  # [R, mlp]
     gate = jax.lax.ragged_dot(rows, w["gate"], group_sizes) if "gate" in w else None
-    return jax.lax.ragged_dot(hidden(mlp, up, gate), w["down"], group_sizes)
+    return jax.lax.ragged_dot(activation(mlp, up, gate), w["down"], group_sizes)
 
 
 class MoeMlp(nn.Module):
@@ -140,8 +136,10 @@ class MoeMlp(nn.Module):
         def weight(name, shape, axes, std):
             return self.param(name, nn.with_logical_partitioning(nn.initializers.normal(std), axes), shape, dtype)
 
-        w = {"up": weight("up", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std),
-             "down": weight("down", (e, f, d), ("expert", "mlp", "embed"), residual_std(cfg))}
+        w = {
+            "up": weight("up", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std),
+            "down": weight("down", (e, f, d), ("expert", "mlp", "embed"), residual_std(cfg)),
+        }
         if cfg.mlp == "swiglu":
             w["gate"] = weight("gate", (e, d, f), ("expert", "embed", "mlp"), cfg.init_std)
         return {name: v.astype(jnp.dtype(cfg.compute_dtype)) for name, v in w.items()}
@@ -153,13 +151,18 @@ class MoeMlp(nn.Module):
         k, num_experts = cfg.experts_per_token, cfg.num_experts
         router_in = x.astype(jnp.float32)
         if cfg.router_jitter and self.has_rng("router"):  # Switch's multiplicative jitter, training only
-            noise = jax.random.uniform(self.make_rng("router"), router_in.shape, jnp.float32,
-                                       1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+            noise = jax.random.uniform(
+                self.make_rng("router"), router_in.shape, jnp.float32, 1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter
+            )
             router_in = router_in * noise
         logits = nn.Dense(
-            num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype),
+            num_experts,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=jnp.dtype(cfg.param_dtype),
             kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", None)),
-            name="router")(router_in)  # [b, l, E]
+            name="router",
+        )(router_in)  # [b, l, E]
         probs, gates, experts = route(logits.reshape(b * l, num_experts), k)  # [b*l, E], [b*l, k], [b*l, k]
         weight = (segment_ids > 0).reshape(b * l).astype(jnp.float32)
         aux, z, load = router_losses(logits.reshape(b * l, num_experts), probs, experts, weight)
@@ -174,8 +177,16 @@ class MoeMlp(nn.Module):
             if spec is None:
                 y = dropless(x.reshape(b * l, d), gates, experts, w, expert_mlp).reshape(b, l, d)
             else:
-                y = expert_parallel.dropless(x, gates.reshape(b, l, k), experts.reshape(b, l, k), w, num_experts,
-                                             spec, expert_mlp)
+                y = expert_parallel.dropless(
+                    x,
+                    gates.reshape(b, l, k),
+                    experts.reshape(b, l, k),
+                    w,
+                    num_experts,
+                    spec,
+                    expert_mlp,
+                    pipeline.mapped_axes(cfg),
+                )
             dropped = jnp.zeros((), jnp.float32)
 
         self.sow("intermediates", "aux_loss", aux)
@@ -192,15 +203,21 @@ class MoeMlp(nn.Module):
         k = experts.shape[-1]
         g = group_size(cfg, l)
         n = l // g  # groups per row
-        dispatch, combine, kept = capacity_masks(experts.reshape(b * n, g, k), gates.reshape(b * n, g, k),
-                                                 weight.reshape(b * n, g), cfg.num_experts, capacity(cfg, g))
+        dispatch, combine, kept = capacity_masks(
+            experts.reshape(b * n, g, k),
+            gates.reshape(b * n, g, k),
+            weight.reshape(b * n, g),
+            cfg.num_experts,
+            capacity(cfg, g),
+        )
         dispatch = dispatch.reshape(b, n, g, cfg.num_experts, -1).astype(x.dtype)  # [b, n, G, E, C]
         combine = combine.reshape(dispatch.shape).astype(x.dtype)
         expert_in = nn.with_logical_constraint(
-            jnp.einsum("bngec,bngd->ebncd", dispatch, x.reshape(b, n, g, d)), EXPERT_ACTIVATION)  # [E, b, n, C, d]
+            jnp.einsum("bngec,bngd->ebncd", dispatch, x.reshape(b, n, g, d)), EXPERT_ACTIVATION
+        )  # [E, b, n, C, d]
         up = jnp.einsum("ebncd,edf->ebncf", expert_in, w["up"])
         gate = jnp.einsum("ebncd,edf->ebncf", expert_in, w["gate"]) if "gate" in w else None
-        h = nn.with_logical_constraint(hidden(cfg.mlp, up, gate), EXPERT_HIDDEN)  # [E, b, n, C, mlp]
+        h = nn.with_logical_constraint(activation(cfg.mlp, up, gate), EXPERT_HIDDEN)  # [E, b, n, C, mlp]
         expert_out = nn.with_logical_constraint(jnp.einsum("ebncf,efd->ebncd", h, w["down"]), EXPERT_ACTIVATION)
         y = jnp.einsum("ebncd,bngec->bngd", expert_out, combine).reshape(b, l, d)
         weight = weight.reshape(b * l)

@@ -15,8 +15,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # [..., embed]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
         # Statistics in float32: bfloat16 sums of squares lose most of their digits.
         x32 = x.astype(jnp.float32)
         normed = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
@@ -34,15 +35,17 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):  # [..., embed]
         features = (x.shape[-1],)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           features, self.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), features, self.param_dtype
+        )
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = ((x32 - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))).astype(self.dtype) * scale.astype(self.dtype)
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                              features, self.param_dtype)
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), features, self.param_dtype
+            )
             y = y + bias.astype(self.dtype)
         return y
 

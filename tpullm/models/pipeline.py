@@ -11,13 +11,26 @@ device group s holds slot s. One iteration:
      brings the last stage's output, a finished lap, to stage 0,
   4. stage 0 writes it back to the microbatch buffer (the output, or the next lap's input).
 The shift is the only communication per iteration (see `gpipe` for where the buffer lives).
+With FSDP and `pipeline_gather_once` the stages' weights are constrained whole over the FSDP axes
+before the schedule (`gathered_over_fsdp`), so XLA gathers them once per step rather than at every
+iteration, at the memory cost of a stage's weights and gradients whole over FSDP (each
+iteration's weight gradients are still summed over the batch axes inside the loop: XLA does not
+move that reduction out of it).
+
+Random keys and sown values pass through the schedule. Each stage runs its layers with the
+"router" rng folded with its work item (so a microbatch's lap draws the same noise wherever the
+schedule puts it), and returns what its layers sow; `per_layer` drops the bubble's slots and
+averages each layer's values over its microbatches, weighted by their real tokens. MoE models
+therefore pipeline with their router losses, and expert parallelism's all-to-alls run inside
+the stages (`mapped_axes`: the stage axis is manual in every shard_map a stage runs).
 
 Remat: the config's policy wraps one iteration's stage computation (all K layers of each stage),
 so with "full" the backward pass keeps one microbatch per stage and iteration. Without remat
 everything is kept except views and gathers (`keep_all_but_views`).
 
 Circular repeats (Narayanan et al. 2021, "interleaved"): with R repeats the L layers form R*S
-groups of K = L/(R*S) consecutive layers, and group r*S + s lives on stage s, so a microbatch goes
+groups of K = L/(R*S) consecutive layers (scan steps: moe_every layers each in a model whose
+every moe_every-th layer has experts), and group r*S + s lives on stage s, so a microbatch goes
 around the stages R times. Work item i = r*M + m (lap r of microbatch m) enters stage 0 at
 iteration i and reaches stage s at iteration i + s, so
 
@@ -49,7 +62,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tpullm.parallel import rules
+from tpullm.parallel.microbatches import merge_microbatches, split_microbatches
+
 STAGE = "activation_stage"
+
+
+def mapped_axes(cfg) -> tuple:
+    """The mesh axes the vmap over stages adds (spmd_axis_name) to the specs of every shard_map a
+    stage runs (ring attention, expert parallelism), which those maps must make manual; none
+    without a pipeline."""
+    return rules.mesh_axes(STAGE) if cfg.pipeline_microbatches else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +100,14 @@ class Schedule:
     def table(self):
         """[iterations, stages] of (lap, microbatch) per slot, None in the bubble: for reading."""
         n = self.microbatches * self.repeats
-        return [[divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None
-                 for s in range(self.stages)] for t in range(self.iterations)]
+        return [
+            [divmod(i, self.microbatches) if 0 <= (i := self.item(t, s)) < n else None for s in range(self.stages)]
+            for t in range(self.iterations)
+        ]
 
 
 # ---------------------------------------------------------------------------------- parameter layout
+
 
 def _boxed_reshape(leaf, shape_fn, names_fn):
     """Reshapes an array or a logically partitioned box (whose axis names change with it)."""
@@ -100,8 +126,10 @@ def _map_layers(params, fn):
 
 
 def _groups(cfg):
-    """(R, S, K): repeats, stages, layers per group (dense models: MoE cannot be pipelined yet)."""
-    return cfg.pipeline_repeats, cfg.pipeline_stages, cfg.num_layers // (cfg.pipeline_repeats * cfg.pipeline_stages)
+    """(R, S, K): repeats, stages, scan steps per group (a scan step is moe_every layers in a model
+    whose experts are in every moe_every-th layer, else one layer)."""
+    steps = cfg.num_layers // (cfg.moe_every if cfg.num_experts else 1)
+    return cfg.pipeline_repeats, cfg.pipeline_stages, steps // (cfg.pipeline_repeats * cfg.pipeline_stages)
 
 
 def from_natural_layers(params, cfg):
@@ -110,8 +138,12 @@ def from_natural_layers(params, cfg):
     r, s, k = _groups(cfg)
     if r == 1:
         return params
-    return _map_layers(params, lambda leaf: _boxed_reshape(
-        leaf, lambda shape: (r, s, k, *shape[1:]), lambda names: (None, names[0], None, *names[1:])))
+    return _map_layers(
+        params,
+        lambda leaf: _boxed_reshape(
+            leaf, lambda shape: (r, s, k, *shape[1:]), lambda names: (None, names[0], None, *names[1:])
+        ),
+    )
 
 
 def to_natural_layers(params, cfg):
@@ -119,8 +151,12 @@ def to_natural_layers(params, cfg):
     r, _, _ = _groups(cfg)
     if r == 1:
         return params
-    return _map_layers(params, lambda leaf: _boxed_reshape(
-        leaf, lambda shape: (shape[0] * shape[1] * shape[2], *shape[3:]), lambda names: (names[1], *names[3:])))
+    return _map_layers(
+        params,
+        lambda leaf: _boxed_reshape(
+            leaf, lambda shape: (shape[0] * shape[1] * shape[2], *shape[3:]), lambda names: (names[1], *names[3:])
+        ),
+    )
 
 
 def stage_weights(layers, cfg):
@@ -133,16 +169,6 @@ def stage_weights(layers, cfg):
 
 # ---------------------------------------------------------------------------------- the schedule
 
-def split_microbatches(x, m: int):
-    """[batch, ...] -> [m, batch/m, ...]; microbatch i takes rows i, i+m, ..., so every microbatch
-    stays spread over all batch shards (as in gradient accumulation)."""
-    return x.reshape(-1, m, *x.shape[1:]).swapaxes(0, 1)
-
-
-def merge_microbatches(x):
-    """Inverse of `split_microbatches`."""
-    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-
 
 def _constrain(tree, axes, *lead):
     """Sharding constraints: each array's names are `lead` then its entry of `axes`."""
@@ -153,8 +179,20 @@ def _constrain(tree, axes, *lead):
 
 
 # Ops that only move or view data: redone in the backward pass instead of kept.
-_VIEWS = frozenset({"gather", "dynamic_slice", "slice", "reshape", "transpose", "squeeze", "expand_dims",
-                    "broadcast_in_dim", "convert_element_type", "copy"})
+_VIEWS = frozenset(
+    {
+        "gather",
+        "dynamic_slice",
+        "slice",
+        "reshape",
+        "transpose",
+        "squeeze",
+        "expand_dims",
+        "broadcast_in_dim",
+        "convert_element_type",
+        "copy",
+    }
+)
 
 
 def keep_all_but_views(prim, *_, **__) -> bool:
@@ -168,13 +206,16 @@ def keep_all_but_views(prim, *_, **__) -> bool:
 def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, policy=keep_all_but_views):
     """Runs the circular GPipe schedule.
 
-    stage_fn(w, x) -> x: one stage's layers for one microbatch; x is a pytree (what travels with a
-      microbatch), w the stage's weights for one lap.
+    stage_fn(w, x, item) -> (x, out): one stage's layers for one microbatch; x is a pytree (what
+      travels with a microbatch), w the stage's weights for one lap, item the work item the stage
+      is on (lap * M + microbatch; outside 0 .. M*R-1 in the bubble), out anything the stage
+      reports (sown values), collected per iteration and stage.
     weights: leaves [R, S, ...] (lap, stage). inputs: pytree with leaves [M, ...] (microbatch-major).
     logical_axes: pytree like one microbatch of `inputs` with the logical axis names of each leaf
-      (None: no sharding constraints). Returns the outputs, leaves [M, ...].
+      (None: no sharding constraints).
     policy: what the backward pass keeps of one iteration's stage computation (a jax.checkpoint
       policy; None keeps only its inputs).
+    Returns (outputs with leaves [M, ...], outs with leaves [iterations, S, ...]).
 
     The microbatch buffer (inputs, then finished laps) is needed only by stage 0, which both feeds
     from it and, after the shift, holds the last stage's output. So every stage keeps a copy
@@ -186,15 +227,16 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, poli
     stage_ids = jnp.arange(s_count)
     # vmap over stages keeps the layers' own sharding constraints and puts the stage axis on the
     # mesh axis the rules give `activation_stage`.
-    spmd = nn.logical_to_mesh_axes((STAGE,))[0] if logical_axes is not None else None
+    spmd = (rules.mesh_axes(STAGE) or None) if logical_axes is not None else None
     run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
     take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
 
     # One iteration's stage computation: the stages' weights for their current laps, then the layers.
     @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
-    def stage_step(weights, laps, state):
+    def stage_step(weights, items, state):
+        laps = jnp.clip(items // m_count, 0, r_count - 1)  # [S]
         w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
-        return run_stages(w, state)
+        return run_stages(w, state, items)
 
     def on_first_stage(new, old):  # new where the stage is 0, old elsewhere
         return jnp.where((stage_ids == 0).reshape(-1, *[1] * (old.ndim - 1)), new, old)
@@ -204,40 +246,88 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, poli
         # 1. inject: stage 0 starts item t, i.e. microbatch t % M (its input, or its previous lap).
         state = jax.tree.map(lambda s, b: on_first_stage(b[:, t % m_count], s), state, buffer)
         # 2. every stage at once, each with the weights of the lap it is on.
-        laps = jnp.clip(schedule.item(t, stage_ids) // m_count, 0, r_count - 1)  # [S]
-        state = _constrain(stage_step(weights, laps, state), logical_axes, STAGE)
+        state, out = stage_step(weights, schedule.item(t, stage_ids), state)
+        state = _constrain(state, logical_axes, STAGE)
         # 3. shift every slot one stage on: the last stage's output wraps around to stage 0.
         state = _constrain(jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state), logical_axes, STAGE)
         # 4. collect: that output is item t - (S-1), finished (nothing yet in the first S-1 iterations).
         done = schedule.item(t, s_count - 1)
         slot = done % m_count
         buffer = jax.tree.map(lambda b, s: b.at[:, slot].set(jnp.where(done >= 0, s, b[:, slot])), buffer, state)
-        return (state, buffer), None
+        return (state, buffer), out
 
     state = jax.tree.map(lambda x: jnp.zeros((s_count, *x.shape[1:]), x.dtype), inputs)
     buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (s_count, *x.shape)), inputs)
     carry = (_constrain(state, logical_axes, STAGE), _constrain(buffer, logical_axes, STAGE, None))
-    (_, buffer), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
-    return jax.tree.map(lambda b: b[0], buffer)
+    (_, buffer), outs = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+    return jax.tree.map(lambda b: b[0], buffer), outs
 
 
-def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes, policy):
+def per_layer(values, weight, schedule: Schedule):
+    """Per-slot values of a run -> one value per layer, in layer order.
+
+    values: leaves [iterations, S, K, ...] (what each stage's K layers reported at each iteration);
+    weight: [iterations, S], how much each slot counts (its real tokens). Bubble slots count
+    nothing; each layer's value is the weighted mean over the M microbatches that passed through
+    it. Returns leaves [R*S*K, ...], layer (r*S + s)*K + k at index (r*S + s)*K + k.
+    """
+    t = jnp.arange(schedule.iterations)[:, None]
+    item = schedule.item(t, jnp.arange(schedule.stages)[None, :])  # [T, S]
+    valid = (item >= 0) & (item < schedule.microbatches * schedule.repeats)
+    lap = jnp.where(valid, item // schedule.microbatches, -1)
+    # [R, T, S]: each layer group's share of every slot.
+    share = jnp.where(lap[None] == jnp.arange(schedule.repeats)[:, None, None], weight[None], 0.0)
+    share = share / jnp.maximum(share.sum(axis=1, keepdims=True), 1e-30)
+
+    def combine(v):  # [T, S, K, ...] -> [R*S*K, ...]
+        v = jnp.where(valid.reshape(*valid.shape, *[1] * (v.ndim - 2)), v, 0).astype(jnp.float32)
+        mean = jnp.einsum("rts,tsk...->rsk...", share, v)
+        return mean.reshape(-1, *mean.shape[3:])
+
+    return jax.tree.map(combine, values)
+
+
+def gathered_over_fsdp(weights, stage_module, sample):
+    """The stages' weights (leaves [R, S, K, ...]) constrained whole over the FSDP axes (the mesh axes
+    of `embed`) and split as the rules say otherwise: stage on S, experts, tensor. XLA then
+    all-gathers a stage's weights once before the schedule, not at every iteration; each device
+    holds its stage's weights whole over FSDP for the step. `sample`: one microbatch's inputs, to
+    read the logical names of the stage's weights from an abstract init of `stage_module`."""
+    abstract = jax.eval_shape(lambda: stage_module.init(jax.random.key(0), *sample))
+    names = nn.get_partition_spec(abstract)["params"]  # leaves ('layers', ...): [K, ...]
+
+    def constrain(w, spec):
+        rest = tuple(None if n == "embed" else n for n in tuple(spec)[1:])
+        return nn.with_logical_constraint(w, (None, "layers", None, *rest))
+
+    return jax.tree.map(constrain, weights, names)
+
+
+def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes, policy, router_key=None):
     """The decoder's layer stack as a pipeline.
 
     stage_module: an unbound module applying K layers (the scan of one group, without remat):
       (x, segment_ids, positions) -> (x, _). layers: the stored layer params. x: [batch, length,
       embed]; segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
     policy: the remat policy of one iteration's stage computation (see `gpipe`).
+    router_key: the "router" rng (MoE router jitter) or None; work item i draws from fold_in(key, i).
+    Returns (x, intermediates): what the layers sow, one entry per layer in layer order (as the
+    unpipelined stack sows it), each the mean over microbatches weighted by their real tokens
+    (segment id > 0), as gradient accumulation over the same microbatches weighs them.
     """
     m = cfg.pipeline_microbatches
     schedule = Schedule(cfg.pipeline_stages, m, cfg.pipeline_repeats)
 
-    def stage_fn(w, carry):  # w leaves [K, ...]; carry: one microbatch and its segments/positions
+    def stage_fn(w, carry, item):  # w leaves [K, ...]; carry: one microbatch and its segments/positions
         h, seg, pos = carry
-        h, _ = stage_module.apply({"params": w}, h, seg, pos)
-        return h, seg, pos
+        rngs = {} if router_key is None else {"router": jax.random.fold_in(router_key, jnp.maximum(item, 0))}
+        (h, _), sown = stage_module.apply({"params": w}, h, seg, pos, rngs=rngs, mutable=["intermediates"])
+        return (h, seg, pos), (jnp.sum(seg > 0), sown.get("intermediates", {}))
 
     inputs = tuple(split_microbatches(a, m) for a in (x, segment_ids, positions))
     axes = (activation_axes, activation_axes[:2], activation_axes[:2])
-    out, _, _ = gpipe(stage_fn, stage_weights(layers, cfg), inputs, schedule, axes, policy)
-    return merge_microbatches(out)
+    weights = stage_weights(layers, cfg)
+    if cfg.pipeline_gather_once:
+        weights = gathered_over_fsdp(weights, stage_module, tuple(a[0] for a in inputs))
+    (out, _, _), (tokens, sown) = gpipe(stage_fn, weights, inputs, schedule, axes, policy)
+    return merge_microbatches(out), per_layer(sown, tokens.astype(jnp.float32), schedule)

@@ -1,4 +1,4 @@
-"""Ring attention over the mesh's `sequence` axis, and the zigzag order that balances it.
+"""Ring attention over the mesh axis of `activation_length` (`sequence`), and the zigzag order that balances it.
 
 Each device keeps its block of queries and passes its block of keys and values (with their
 token indices and segment ids) to the next device, n times round the ring; every block's
@@ -17,8 +17,9 @@ and the last device all n. Zigzag cuts the row into 2n chunks and gives device i
 2n-1-i; each (query chunk, key chunk) tile is skipped on its own, so every device computes
 3 tiles of the local block and 2 of every other: (2n + 1) / 4 blocks' work instead of n.
 
-Only `sequence` is manual in the shard_map (and `stage` under a pipeline): batch, heads and the
-rest stay with the partitioner, so this composes with data, FSDP, tensor and pipeline parallelism.
+Only the ring's axis is manual in the shard_map (and the stage axis under a pipeline): batch, heads
+and the rest stay with the partitioner, so this composes with data, FSDP, tensor and pipeline
+parallelism. The axes come from the rules table (tpullm/parallel/rules.py).
 """
 
 import functools
@@ -30,15 +31,15 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from tpullm.config import ModelConfig, check_sequence_split
-from tpullm.models.dot_product import MASKED, attention_mask, dot_product_attention
+from tpullm.models.dot_product import MASKED, attention_mask, dot_product_attention, group_heads, masked_scores
+from tpullm.parallel import rules
 
-AXIS = "sequence"
+LENGTH = "activation_length"  # the logical axis the ring splits: its mesh axis is the ring's
 
 
 def sequence_degree() -> int:
-    """The size of the `sequence` axis of the mesh in context (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else mesh.shape.get(AXIS, 1)
+    """Into how many blocks the mesh in context cuts a row (1 without a mesh)."""
+    return rules.degree(LENGTH)
 
 
 def load_balanced(cfg: ModelConfig) -> bool:
@@ -80,27 +81,31 @@ def unzigzag(x, cfg: ModelConfig):
     return jnp.concatenate([pairs[:, :, 0], pairs[:, ::-1, 1]], axis=1).reshape(x.shape)
 
 
-def ring_attention(q, k, v, index, segment_ids, window: int = 0, zigzag: bool = False):
-    """Causal attention with the row split over the mesh's `sequence` axis.
+def ring_attention(q, k, v, index, segment_ids, window: int = 0, zigzag: bool = False, mapped_axes=()):
+    """Causal attention with the row split over the mesh axis of `activation_length`.
 
     q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim];
     index: [length] true token indices; segment_ids: [batch, length]. All split along length
     over `sequence`. With `zigzag` (the row in `zigzag` order) each device's block is two runs of
     consecutive tokens, and every pair of query and key runs is masked, and skipped, on its own. Returns
     [batch, length, heads, head_dim]. Without a sequence axis to split over it is plain
-    `dot_product_attention`.
+    `dot_product_attention`. mapped_axes: mesh axes an enclosing vmap adds to the shard_map's specs
+    (spmd_axis_name: the pipeline's stage axis), which only a manual axis may appear in.
     """
     if sequence_degree() == 1:
         return dot_product_attention(q, k, v, attention_mask(index, index, segment_ids, segment_ids, window))
     check_sequence_split(q.shape[1], sequence_degree(), zigzag)
-    return _ring(q, k, v, index, segment_ids, window, 2 if zigzag else 1)
+    manual = frozenset((rules.mesh_axis(LENGTH), *mapped_axes))
+    return _ring(q, k, v, index, segment_ids, window, 2 if zigzag else 1, manual)
 
 
 # ------------------------------------------------------------------ the ring, inside shard_map
 
+
 def _rotate(blocks, n: int):
     """Every device passes `blocks` to the next one round the ring."""
-    return jax.tree.map(lambda x: lax.ppermute(x, AXIS, [(i, (i + 1) % n) for i in range(n)]), blocks)
+    axis = rules.mesh_axis(LENGTH)
+    return jax.tree.map(lambda x: lax.ppermute(x, axis, [(i, (i + 1) % n) for i in range(n)]), blocks)
 
 
 def _around_ring(step, carry, travelling, n: int):
@@ -110,17 +115,9 @@ def _around_ring(step, carry, travelling, n: int):
     return lax.fori_loop(1, n, lambda _, s: step(s[0], _rotate(s[1], n)), state)
 
 
-def _grouped(x, kv_heads: int):
-    """[b, l, heads, d] -> [b, l, kv_heads, group, d]: query heads grouped by their key/value head."""
-    b, length, heads, d = x.shape
-    return x.reshape(b, length, kv_heads, heads // kv_heads, d)
-
-
 def _scores(q, k, q_index, k_index, q_segment, k_segment, window):
     """Masked scores of one block, float32: q [b, lq, kv, g, d], k [b, lk, kv, d] -> [b, kv, g, lq, lk]."""
-    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-    mask = attention_mask(q_index, k_index, q_segment, k_segment, window)  # [b, lq, lk]
-    return jnp.where(mask[:, None, None], scores, MASKED)
+    return masked_scores(q, k, attention_mask(q_index, k_index, q_segment, k_segment, window))
 
 
 def _any_visible(q_index, k_index, window):
@@ -144,7 +141,7 @@ def _forward_shard(q, k, v, index, segment, *, window, n, chunks):
     # every ring step's masks as residuals: n - 1 steps of them, memory growing with the degree.
     q, index, segment = lax.optimization_barrier((q, index, segment))
     kv_heads = k.shape[2]
-    qg = _grouped(q, kv_heads)  # [b, l, kv, g, d]
+    qg = group_heads(q, kv_heads)  # [b, l, kv, g, d]
     b, _, _, group, d = qg.shape
     q_tiles = list(zip(_tiles(qg, chunks), _tiles(index, chunks, 0), _tiles(segment, chunks)))
 
@@ -179,11 +176,19 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
     """FlashAttention-2's backward on one device's share, tile by tile as in the forward, the
     key/value runs and their gradient accumulators travelling together. Returns dq, dk, dv."""
     kv_heads = k.shape[2]
-    qg, dog = _grouped(q, kv_heads), _grouped(dout, kv_heads)  # [b, l, kv, g, d]
+    qg, dog = group_heads(q, kv_heads), group_heads(dout, kv_heads)  # [b, l, kv, g, d]
     # D_i = sum_d dO_id O_id = sum_j P_ij dP_ij, the softmax's correction term.
-    delta = jnp.einsum("bqngd,bqngd->bngq", dog.astype(jnp.float32), _grouped(out, kv_heads).astype(jnp.float32))
-    q_tiles = list(zip(_tiles(qg, chunks), _tiles(dog, chunks), _tiles(lse, chunks, 3), _tiles(delta, chunks, 3),
-                       _tiles(index, chunks, 0), _tiles(segment, chunks)))
+    delta = jnp.einsum("bqngd,bqngd->bngq", dog.astype(jnp.float32), group_heads(out, kv_heads).astype(jnp.float32))
+    q_tiles = list(
+        zip(
+            _tiles(qg, chunks),
+            _tiles(dog, chunks),
+            _tiles(lse, chunks, 3),
+            _tiles(delta, chunks, 3),
+            _tiles(index, chunks, 0),
+            _tiles(segment, chunks),
+        )
+    )
     scale = 1 / jnp.sqrt(q.shape[-1])
 
     def update(q_t, do_t, lse_t, delta_t, q_index, q_segment, k_t, v_t, k_index, k_segment, grads):
@@ -202,15 +207,23 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
         dk, dv = list(dk), list(dv)
         for i, (q_t, do_t, lse_t, delta_t, q_index, q_segment) in enumerate(q_tiles):
             for j, (k_t, v_t, k_index, k_segment) in enumerate(zip(*blocks)):
-                tile = functools.partial(update, q_t, do_t, lse_t, delta_t, q_index, q_segment,
-                                         k_t, v_t, k_index, k_segment)
-                dq[i], dk[j], dv[j] = lax.cond(_any_visible(q_index, k_index, window), tile, lambda g: g,
-                                               (dq[i], dk[j], dv[j]))
+                tile = functools.partial(
+                    update, q_t, do_t, lse_t, delta_t, q_index, q_segment, k_t, v_t, k_index, k_segment
+                )
+                dq[i], dk[j], dv[j] = lax.cond(
+                    _any_visible(q_index, k_index, window), tile, lambda g: g, (dq[i], dk[j], dv[j])
+                )
         return tuple(dq), (*blocks, tuple(dk), tuple(dv))
 
     zeros = lambda x: tuple(jnp.zeros(t.shape, jnp.float32) for t in _tiles(x, chunks))  # noqa: E731
-    travelling = (_tiles(k, chunks), _tiles(v, chunks), _tiles(index, chunks, 0), _tiles(segment, chunks),
-                  zeros(k), zeros(v))
+    travelling = (
+        _tiles(k, chunks),
+        _tiles(v, chunks),
+        _tiles(index, chunks, 0),
+        _tiles(segment, chunks),
+        zeros(k),
+        zeros(v),
+    )
     dq, travelling = _around_ring(step, zeros(qg), travelling, n)
     dk, dv = _rotate(travelling[-2:], n)  # one more step brings each block's gradients home
     dq, dk, dv = (jnp.concatenate(t, axis=1) for t in (dq, dk, dv))
@@ -219,41 +232,45 @@ def _backward_shard(q, k, v, out, lse, dout, index, segment, *, window, n, chunk
 
 # ------------------------------------------------------------------ the differentiable op
 
-ROW = P(None, AXIS)  # [batch, length, ...] split along length
-INDEX = P(AXIS)  # [length]
-LSE = P(None, None, None, AXIS)  # [batch, kv_heads, group, length]
+
+def _specs():
+    """(row, index, logsumexp) specs: [batch, length, ...], [length] and [batch, kv_heads, group,
+    length], each split along length over the ring's axis."""
+    axis = rules.mesh_axis(LENGTH)
+    return P(None, axis), P(axis), P(None, None, None, axis)
 
 
-def manual_axes() -> set:
-    """`sequence`, plus `stage` under a pipeline: the pipeline's vmap over stages (spmd_axis_name)
-    adds the stage axis to the map's specs, which only a manual axis may appear in."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return {AXIS} | ({"stage"} if mesh.shape.get("stage", 1) > 1 else set())
-
-
-def _sharded(fn, in_specs, out_specs, window, chunks):
+def _sharded(fn, in_specs, out_specs, window, chunks, manual):
     n = sequence_degree()
     # check_vma=False: the loop carries start equal on every device and become per-device; the
     # op's derivative is the custom_vjp below, never shard_map's own transpose.
-    return jax.shard_map(functools.partial(fn, window=window, n=n, chunks=chunks), in_specs=in_specs,
-                         out_specs=out_specs, axis_names=manual_axes(), check_vma=False)
+    return jax.shard_map(
+        functools.partial(fn, window=window, n=n, chunks=chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        axis_names=set(manual),
+        check_vma=False,
+    )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _ring(q, k, v, index, segment_ids, window, chunks):
-    return _ring_fwd(q, k, v, index, segment_ids, window, chunks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, index, segment_ids, window, chunks, manual):
+    return _ring_fwd(q, k, v, index, segment_ids, window, chunks, manual)[0]
 
 
-def _ring_fwd(q, k, v, index, segment_ids, window, chunks):
-    forward = _sharded(_forward_shard, (ROW, ROW, ROW, INDEX, ROW), (ROW, LSE), window, chunks)
+def _ring_fwd(q, k, v, index, segment_ids, window, chunks, manual):
+    row, idx, lse_spec = _specs()
+    forward = _sharded(_forward_shard, (row, row, row, idx, row), (row, lse_spec), window, chunks, manual)
     out, lse = forward(q, k, v, index, segment_ids)
     return out, (q, k, v, out, lse, index, segment_ids)
 
 
-def _ring_bwd(window, chunks, residuals, dout):
+def _ring_bwd(window, chunks, manual, residuals, dout):
     q, k, v, out, lse, index, segment_ids = residuals
-    backward = _sharded(_backward_shard, (ROW, ROW, ROW, ROW, LSE, ROW, INDEX, ROW), (ROW, ROW, ROW), window,
-                        chunks)
+    row, idx, lse_spec = _specs()
+    backward = _sharded(
+        _backward_shard, (row, row, row, row, lse_spec, row, idx, row), (row, row, row), window, chunks, manual
+    )
     dq, dk, dv = backward(q, k, v, out, lse, dout, index, segment_ids)
     return dq, dk, dv, None, None
 

@@ -55,13 +55,13 @@ class BlockGroup(nn.Module):
     def __call__(self, x, segment_ids, positions):
         n = self.config.moe_every
         for i in range(n):
-            x, _ = DecoderBlock(self.config, i == n - 1, self.cache, self.cache_slots, name=f"layer_{i}")(
-                x, segment_ids, positions)
+            block = DecoderBlock(self.config, i == n - 1, self.cache, self.cache_slots, name=f"layer_{i}")
+            x, _ = block(x, segment_ids, positions)
         return x, None
 
 
 def scan_body(cfg: ModelConfig):
-    """(module class, its extra kwargs, scan length). Dense: one DecoderBlock per step, as before."""
+    """(module class, its extra kwargs, scan length). Dense: one DecoderBlock per step."""
     if not cfg.num_experts:
         return DecoderBlock, {}, cfg.num_layers
     if cfg.moe_every == 1:
@@ -77,9 +77,13 @@ def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True)
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     # "router": the router-jitter rng, present only when the caller passes one (training).
     stack = nn.scan(
-        block, variable_axes={"params": 0, "intermediates": 0, "cache": 0}, split_rngs={"params": True, "router": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=length or full,
-        metadata_params={nn.PARTITION_NAME: "layers"})
+        block,
+        variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+        split_rngs={"params": True, "router": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length or full,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     return stack, kwargs, length or full
 
 
@@ -88,12 +92,13 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, cache: str = "", cache_slots: int = 0):
-        """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, vocab].
+        """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, padded vocab]
+        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
 
         segment_ids default to one document per row; positions default to 0..length-1.
         cache: "prefill" runs whole prompts (right-aligned) and writes a KV cache of `cache_slots` slots,
-        returning the last position's logits [batch, 1, vocab]; "decode" runs one token per row against
-        the cache (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
+        returning the last position's logits [batch, 1, padded vocab]; "decode" runs one token per row
+        against the cache (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
         """
         cfg = self.config
         if cache:
@@ -110,7 +115,7 @@ class Decoder(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
             return nn.Embed(num, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, embedding_init=init, name=name)
 
-        token_embed = embed_table(cfg.vocab_size, "token_embed", ("vocab", "embed"))
+        token_embed = embed_table(cfg.padded_vocab_size, "token_embed", ("vocab", "embed"))
         # Look up rows of a table whose embed axis is laid out like activations: with FSDP the
         # gather then runs on the sharded table instead of forcing an all-gathered copy first.
         table = nn.with_logical_constraint(token_embed.embedding, ("vocab", "activation_embed"))
@@ -123,7 +128,8 @@ class Decoder(nn.Module):
             x = self.pipelined_layers(x, segment_ids, positions)
         else:
             stack, kwargs, _ = layer_stack(cfg)
-            x, _ = stack(cfg, **kwargs, cache=cache, cache_slots=cache_slots, name="layers")(x, segment_ids, positions)
+            layers = stack(cfg, **kwargs, cache=cache, cache_slots=cache_slots, name="layers")
+            x, _ = layers(x, segment_ids, positions)
 
         x = ring_attention.unzigzag(x, cfg)
         if cache == "prefill":  # only the next token's logits: [vocab] per row, not per prompt token
@@ -133,27 +139,53 @@ class Decoder(nn.Module):
             logits = token_embed.attend(x)
         else:
             logits = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                cfg.padded_vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                name="lm_head")(x)
+                name="lm_head",
+            )(x)
+        if cfg.padded_vocab_size > cfg.vocab_size:  # padding ids: softmax weight 0, never the argmax
+            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # [padded vocab]
+            logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def pipelined_layers(self, x, segment_ids, positions):
-        """The layer stack over the mesh's `stage` axis (tpullm/models/pipeline.py).
+        """The layer stack over the mesh's stage axis (tpullm/models/pipeline.py).
 
         The weights are created by the unpipelined stack (same values for the same seed) and stored
         in the pipeline's layout; a batch that does not split into the microbatches (sampling one
-        sequence) runs that stack in layer order instead.
+        sequence) runs that stack in layer order instead. The router rng and the sown intermediates
+        pass through the schedule: each microbatch's layers draw their own keys, and the layers'
+        sown values land in `intermediates/layers` one per layer, as the unpipelined stack sows them.
         """
         cfg = self.config
         stack, kwargs, length = layer_stack(cfg)
-        layers = nn.map_variables(
-            stack, "params", trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
-            trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg), init=True)(cfg, **kwargs, name="layers")
         if self.is_initializing() or x.shape[0] % cfg.pipeline_microbatches:
+            layers = nn.map_variables(
+                stack,
+                "params",
+                trans_in_fn=lambda v: pipeline.to_natural_layers(v, cfg),
+                trans_out_fn=lambda v: pipeline.from_natural_layers(v, cfg),
+                init=True,
+            )(cfg, **kwargs, name="layers")
             return layers(x, segment_ids, positions)[0]
         # Remat wraps a stage's whole group of layers (per iteration), not each layer.
         group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
         policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
-        return pipeline.run_layers(group(cfg, **kwargs, parent=None), nn.unbox(self.variables["params"]["layers"]), x,
-                                   segment_ids, positions, cfg, ACTIVATION, policy)
+        router_key = self.make_rng("router") if cfg.router_jitter and self.has_rng("router") else None
+        x, sown = pipeline.run_layers(
+            group(cfg, **kwargs, parent=None),
+            nn.unbox(self.variables["params"]["layers"]),
+            x,
+            segment_ids,
+            positions,
+            cfg,
+            ACTIVATION,
+            policy,
+            router_key,
+        )
+        if sown and self.is_mutable_collection("intermediates"):
+            self.put_variable("intermediates", "layers", sown)
+        return x

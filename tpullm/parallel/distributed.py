@@ -36,8 +36,13 @@ def on_tpu_vm() -> bool:
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def resolve(coordinator_address: str | None = None, num_processes: int | None = None,
-            process_id: int | None = None, environ=None, tpu_vm: bool | None = None) -> Settings:
+def resolve(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ=None,
+    tpu_vm: bool | None = None,
+) -> Settings:
     """The settings from the arguments (flags), else the environment, else auto-detection."""
     environ = os.environ if environ is None else environ
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
@@ -48,18 +53,23 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         return Settings("tpu_vm" if (on_tpu_vm() if tpu_vm is None else tpu_vm) else "single")
     missing = [f"--{k} (or {var})" for (k, v), var in zip(given.items(), ENV_VARS) if v is None]
     if missing:
-        raise ConfigError(f"multi-process run: {', '.join(missing)} not set; give all three of the coordinator's "
-                          f"host:port, the number of processes and this process's id (0 is the coordinator)")
+        raise ConfigError(
+            f"multi-process run: {', '.join(missing)} not set; give all three of the coordinator's "
+            f"host:port, the number of processes and this process's id (0 is the coordinator)"
+        )
     try:
         n, i = int(given["num_processes"]), int(given["process_id"])
     except ValueError:
-        raise ConfigError(f"num_processes={given['num_processes']!r} and process_id={given['process_id']!r} "
-                          f"must be integers") from None
+        raise ConfigError(
+            f"num_processes={given['num_processes']!r} and process_id={given['process_id']!r} must be integers"
+        ) from None
     if not 0 <= i < n:
         raise ConfigError(f"process_id={i} must be in [0, num_processes={n})")
     if ":" not in str(given["coordinator_address"]):
-        raise ConfigError(f"coordinator_address={given['coordinator_address']!r} must be host:port "
-                          f"(e.g. localhost:12355, or process 0's hostname and a free port)")
+        raise ConfigError(
+            f"coordinator_address={given['coordinator_address']!r} must be host:port "
+            f"(e.g. localhost:12355, or process 0's hostname and a free port)"
+        )
     return Settings("explicit", str(given["coordinator_address"]), n, i)
 
 
@@ -72,8 +82,11 @@ def initialize(settings: Settings) -> Settings:
         return settings
     # CPU devices of different processes talk through gloo (no effect on TPU/GPU collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=settings.coordinator_address,
-                               num_processes=settings.num_processes, process_id=settings.process_id)
+    jax.distributed.initialize(
+        coordinator_address=settings.coordinator_address,
+        num_processes=settings.num_processes,
+        process_id=settings.process_id,
+    )
     return settings
 
 
@@ -82,11 +95,14 @@ def process_rows(sharding: jax.sharding.Sharding, global_batch_size: int) -> sli
     per-process data pipeline must read (then `loop.put_batch(..., global_batch_size)`)."""
     # A row length that any split of the length dimension divides (sequence parallelism splits it).
     index_map = sharding.addressable_devices_indices_map((global_batch_size, len(sharding.device_set)))
-    rows = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
-                   for idx in index_map.values()})
+    rows = sorted(
+        {(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop) for idx in index_map.values()}
+    )
     start, stop = rows[0][0], rows[-1][1]
     covered = sum(b - a for a, b in rows)
     if covered != stop - start:
-        raise ValueError(f"this process's batch rows {rows} are not one contiguous block; order the mesh so that "
-                         f"each process holds neighbouring batch shards")
+        raise ValueError(
+            f"this process's batch rows {rows} are not one contiguous block; order the mesh so that "
+            f"each process holds neighbouring batch shards"
+        )
     return slice(start, stop)

@@ -28,14 +28,21 @@ class Report:
         lines = ["parameter layout (from the logical-axis rules):", head]
         for p, per_device, wanted, actual in self.rows:
             flag = f"  <- split {actual}x, rules ask {wanted}x" if actual < wanted else ""
-            used = [x for x in rules_lib.padded(p.spec, len(p.shape))
-                    if x and any(self.mesh_shape[a] > 1 for a in rules_lib.axes_of(x))]
-            lines.append(f"  {p.path:<40} {_fmt(p.shape):<20} {_fmt(p.logical):<36} {_fmt(used):<24} "
-                         f"{per_device / 2**20:>10.3f}{flag}")
+            used = [
+                x
+                for x in rules_lib.padded(p.spec, len(p.shape))
+                if x and any(self.mesh_shape[a] > 1 for a in rules_lib.axes_of(x))
+            ]
+            lines.append(
+                f"  {p.path:<40} {_fmt(p.shape):<20} {_fmt(p.logical):<36} {_fmt(used):<24} "
+                f"{per_device / 2**20:>10.3f}{flag}"
+            )
         limit_text = "" if limit is None else f" (limit {limit:.0%}, mesh.max_replicated_share)"
-        lines.append(f"  total {self.total_bytes / 2**20:.2f} MiB of parameters, {self.per_device_bytes / 2**20:.2f} "
-                     f"MiB per device ({self.total_bytes / max(self.per_device_bytes, 1):.1f}x less); replicated "
-                     f"against the rules: {self.replicated_share:.1%} of parameter bytes{limit_text}")
+        lines.append(
+            f"  total {self.total_bytes / 2**20:.2f} MiB of parameters, {self.per_device_bytes / 2**20:.2f} "
+            f"MiB per device ({self.total_bytes / max(self.per_device_bytes, 1):.1f}x less); replicated "
+            f"against the rules: {self.replicated_share:.1%} of parameter bytes{limit_text}"
+        )
         return "\n".join(lines)
 
 
@@ -63,8 +70,7 @@ def inspect(abstract_boxed_params, mesh_shape, rules=rules_lib.LOGICAL_AXIS_RULE
     return Report(rows, dict(mesh_shape), total, per_device, replicated / max(total, 1), unknown)
 
 
-def check(abstract_boxed_params, mesh_shape, max_replicated_share: float,
-          rules=rules_lib.LOGICAL_AXIS_RULES) -> Report:
+def check(abstract_boxed_params, mesh_shape, max_replicated_share: float, rules=rules_lib.LOGICAL_AXIS_RULES) -> Report:
     """The report, or a ConfigError naming the arrays, the arithmetic and the fixes."""
     if not 0 <= max_replicated_share <= 1:
         raise ConfigError(f"mesh.max_replicated_share={max_replicated_share} must be in [0, 1]")
@@ -72,21 +78,29 @@ def check(abstract_boxed_params, mesh_shape, max_replicated_share: float,
     if report.unknown_names:
         raise ConfigError(
             f"logical axis names {report.unknown_names} are not in the rules table, so their arrays would be "
-            f"replicated on every device; add them to LOGICAL_AXIS_RULES in tpullm/parallel/rules.py")
+            f"replicated on every device; add them to LOGICAL_AXIS_RULES in tpullm/parallel/rules.py"
+        )
     if report.replicated_share > max_replicated_share:
         culprits = []
         for p, _, wanted, actual in report.rows:
             if actual < wanted:
                 n = len(p.shape)
-                dims = [f"{name}={size} over {'x'.join(rules_lib.axes_of(w))}="
-                        f"{math.prod(mesh_shape[a] for a in rules_lib.axes_of(w))}"
-                        for name, size, w, s in zip(rules_lib.padded(p.logical, n), p.shape,
-                                                    rules_lib.padded(p.wanted, n), rules_lib.padded(p.spec, n))
-                        if rules_lib.axes_of(w) != rules_lib.axes_of(s)]
+                dims = [
+                    f"{name}={size} over {'x'.join(rules_lib.axes_of(w))}="
+                    f"{math.prod(mesh_shape[a] for a in rules_lib.axes_of(w))}"
+                    for name, size, w, s in zip(
+                        rules_lib.padded(p.logical, n),
+                        p.shape,
+                        rules_lib.padded(p.wanted, n),
+                        rules_lib.padded(p.spec, n),
+                    )
+                    if rules_lib.axes_of(w) != rules_lib.axes_of(s)
+                ]
                 culprits.append(f"{p.path} ({', '.join(dims)})")
         raise ConfigError(
             f"{report.replicated_share:.1%} of parameter bytes stay replicated on mesh axes the rules meant to split "
             f"them over (limit {max_replicated_share:.0%}): the degree does not divide these dimensions: "
             f"{'; '.join(culprits)}. Pick mesh degrees that divide them (or model sizes divisible by the degrees), "
-            f"or raise mesh.max_replicated_share to accept the memory cost.\n" + report.text(max_replicated_share))
+            f"or raise mesh.max_replicated_share to accept the memory cost.\n" + report.text(max_replicated_share)
+        )
     return report

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from tpullm.config import ModelConfig
+from tpullm.parallel import rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,15 +32,20 @@ class Estimate:
     grads: int
     optimizer: int
     activations: int
-    gathered_weights: int  # one layer's weights all-gathered over fsdp (forward and backward)
+    gathered_weights: int  # weights all-gathered over fsdp and their gradients: one layer's, or a pipeline stage's
 
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer + self.activations + self.gathered_weights
 
     def items(self):
-        return [("params", self.params), ("gradients", self.grads), ("optimizer state", self.optimizer),
-                ("activations", self.activations), ("gathered weights", self.gathered_weights)]
+        return [
+            ("params", self.params),
+            ("gradients", self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("gathered weights", self.gathered_weights),
+        ]
 
 
 def shard_bytes(abstract_tree) -> int:
@@ -54,7 +60,7 @@ def shard_bytes(abstract_tree) -> int:
 def layer_activation_bytes(m: ModelConfig, seq_len: int, tensor: int) -> dict:
     """Bytes per token that one layer keeps for the backward pass, under each remat policy.
 
-    Head and MLP dimensions are split over `tensor`; the residual stream is not. Without remat
+    Head and MLP dimensions are split `tensor` ways; the residual stream is not. Without remat
     the backward needs each op's inputs: the two norms' inputs and outputs, q/k (after RoPE)
     and v, the softmax probabilities, attention's output, and the MLP's gate, up and hidden.
     """
@@ -83,16 +89,21 @@ def activation_bytes(m: ModelConfig, tokens: float, seq_len: int, tensor: int) -
     return int(tokens * (m.num_layers * per[m.remat_policy] + recompute + logits + m.embed_dim * c))
 
 
-def estimate(m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_len: int,
-             grad_accum_steps: int = 1) -> Estimate:
+def estimate(
+    m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_len: int, grad_accum_steps: int = 1
+) -> Estimate:
     """Bytes per device of one train step: state from the shardings, the rest from the shapes."""
     params = shard_bytes(abstract_state.params)
-    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
-    tokens = batch_size / grad_accum_steps / batch_shards * seq_len / mesh_shape["sequence"]
+    batch_shards = rules.degree("activation_batch", mesh_shape)
+    tokens = batch_size / grad_accum_steps / batch_shards * seq_len / rules.degree("activation_length", mesh_shape)
     grads = params * (2 if grad_accum_steps > 1 else 1)  # the accumulator is one more copy
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params["layers"])) / m.num_layers
+    tensor = rules.degree("heads", mesh_shape)  # heads and the MLP hidden dimension
+    # The pipeline gathers its stage's layers once for the whole step (tpullm/models/pipeline.py).
+    layers_gathered = m.num_layers // m.pipeline_stages if m.pipeline_microbatches and m.pipeline_gather_once else 1
     gathered = 0
-    if mesh_shape["fsdp"] > 1:
-        gathered = int(2 * layer_params / mesh_shape["tensor"] * np.dtype(m.param_dtype).itemsize)
-    return Estimate(params, grads, shard_bytes(abstract_state.opt_state),
-                    activation_bytes(m, tokens, seq_len, mesh_shape["tensor"]), gathered)
+    if rules.degree("embed", mesh_shape) > 1:  # FSDP
+        gathered = int(2 * layers_gathered * layer_params / tensor * np.dtype(m.param_dtype).itemsize)
+    return Estimate(
+        params, grads, shard_bytes(abstract_state.opt_state), activation_bytes(m, tokens, seq_len, tensor), gathered
+    )

@@ -32,12 +32,14 @@ def resolve_degrees(degrees, n_devices: int, kind: str) -> list[int]:
         if n_devices % known:
             raise ConfigError(
                 f"mesh.{kind}: {n_devices} {where} cannot be split as {shown}: the fixed degrees multiply to "
-                f"{known}, which does not divide {n_devices}; pick degrees whose product divides {n_devices}")
+                f"{known}, which does not divide {n_devices}; pick degrees whose product divides {n_devices}"
+            )
         values[MESH_AXES.index(fill[0])] = n_devices // known
     elif known != n_devices:
         raise ConfigError(
             f"mesh.{kind}: degrees {shown} multiply to {known}, but there are {n_devices} {where}; "
-            f"make them multiply to {n_devices} or set one axis to -1")
+            f"make them multiply to {n_devices} or set one axis to -1"
+        )
     return values
 
 

@@ -4,6 +4,8 @@ Models name what a tensor dimension *is* (`embed`, `heads`, `activation_batch`);
 decides where it lives. Flax applies the rules in order and skips a mesh axis that an earlier
 dimension of the same tensor already uses, so a later rule for the same name is a fallback.
 Changing a parallelism strategy means changing this table or the mesh degrees, never model code.
+Code that must name a mesh axis itself (a collective, a shard_map's manual axes, a degree check)
+asks `mesh_axes` / `degree` for the axes of a logical name instead of spelling them.
 
 What each strategy is, in terms of this table (the degrees choose which ones are active):
   - data parallel: batches split over `data`; weights whole on every device.
@@ -74,6 +76,33 @@ def axes_of(entry) -> tuple:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _rules_in_use(rules):
+    """`rules`, else the rules in context (nn.logical_axis_rules), else this table."""
+    return rules if rules is not None else (nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+
+
+def mesh_axes(logical: str, rules=None) -> tuple:
+    """The mesh axes a dimension named `logical` is split over (its first rule), as a tuple."""
+    return axes_of(nn.logical_to_mesh_axes((logical,), _rules_in_use(rules))[0])
+
+
+def mesh_axis(logical: str, rules=None) -> str:
+    """The one mesh axis of `logical`, for collectives that run over a single axis."""
+    axes = mesh_axes(logical, rules)
+    if len(axes) != 1:
+        raise ValueError(f"{logical!r} maps to the mesh axes {axes}; a collective over it needs exactly one")
+    return axes[0]
+
+
+def degree(logical: str, mesh_shape=None, rules=None) -> int:
+    """Into how many pieces `mesh_shape` (default: the mesh in context; 1 without one) cuts a
+    dimension named `logical`."""
+    if mesh_shape is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        mesh_shape = {} if mesh.empty else mesh.shape
+    return math.prod(mesh_shape.get(a, 1) for a in mesh_axes(logical, rules))
+
+
 def split_factor(spec: PartitionSpec, mesh_shape) -> int:
     """Into how many pieces a spec cuts an array (the product of the mesh axes it names)."""
     return math.prod(mesh_shape[a] for entry in spec for a in axes_of(entry))
@@ -134,8 +163,16 @@ def placements(abstract_boxed, mesh_shape, rules=LOGICAL_AXIS_RULES):
     out = []
     for (path, leaf), names in zip(leaves, specs):
         wanted = nn.logical_to_mesh_axes(tuple(names), rules) if len(names) else PartitionSpec()
-        out.append(Placement(jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.shape), leaf.dtype,
-                             names, wanted, fit_spec(wanted, leaf.shape, mesh_shape)))
+        out.append(
+            Placement(
+                jax.tree_util.keystr(path, simple=True, separator="/"),
+                tuple(leaf.shape),
+                leaf.dtype,
+                names,
+                wanted,
+                fit_spec(wanted, leaf.shape, mesh_shape),
+            )
+        )
     return treedef, out
 
 
@@ -152,13 +189,14 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSh
 
 def check_batch(batch_size: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
     """A global batch must split evenly over the mesh axes that hold batch rows."""
-    axes = axes_of(nn.logical_to_mesh_axes(BATCH_LOGICAL_AXES, rules)[0])
-    shards = math.prod(mesh_shape[a] for a in axes)
+    axes = mesh_axes(BATCH_LOGICAL_AXES[0], rules)
+    shards = degree(BATCH_LOGICAL_AXES[0], mesh_shape, rules)
     if batch_size % shards:
         shown = " x ".join(f"{a}={mesh_shape[a]}" for a in axes)
         raise ConfigError(
             f"train.batch_size={batch_size} does not split over the batch axes {shown} = {shards} shards; "
-            f"make train.batch_size a multiple of {shards} or change the mesh degrees")
+            f"make train.batch_size a multiple of {shards} or change the mesh degrees"
+        )
 
 
 def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape, rules=LOGICAL_AXIS_RULES) -> None:
@@ -168,13 +206,14 @@ def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape
     stages, m = model_cfg.pipeline_stages, model_cfg.pipeline_microbatches
     if not m:
         return
-    degree = mesh_shape["stage"]
-    if degree != stages:
+    stage = mesh_axis("layers", rules)
+    if mesh_shape[stage] != stages:
         raise ConfigError(
-            f"model.pipeline_stages={stages} but the mesh's stage degree is {degree} (mesh.ici.stage x "
-            f"mesh.dcn.stage); set them equal, e.g. --config.mesh.ici.stage={stages}")
-    axes = axes_of(nn.logical_to_mesh_axes(BATCH_LOGICAL_AXES, rules)[0])
-    shards = math.prod(mesh_shape[a] for a in axes)
+            f"model.pipeline_stages={stages} but the mesh's {stage} degree is {mesh_shape[stage]} (mesh.ici.{stage} x "
+            f"mesh.dcn.{stage}); set them equal, e.g. --config.mesh.ici.{stage}={stages}"
+        )
+    axes = mesh_axes(BATCH_LOGICAL_AXES[0], rules)
+    shards = degree(BATCH_LOGICAL_AXES[0], mesh_shape, rules)
     rows = batch_size // (grad_accum_steps * m)
     if rows % shards:
         shown = " x ".join(f"{a}={mesh_shape[a]}" for a in axes)
@@ -182,8 +221,5 @@ def check_pipeline(model_cfg, batch_size: int, grad_accum_steps: int, mesh_shape
             f"a pipeline microbatch of train.batch_size / (train.grad_accum_steps x model.pipeline_microbatches) = "
             f"{batch_size} / ({grad_accum_steps} x {m}) = {rows} sequences does not split over the batch axes "
             f"{shown} = {shards} shards; make train.batch_size a multiple of {grad_accum_steps * m * shards} or use "
-            f"fewer microbatches")
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+            f"fewer microbatches"
+        )

@@ -62,8 +62,10 @@ def default_shape(chips: int, dims: int) -> tuple:
     (2x2x1 for 3-D chips, 1x1 for 2-D) and double the smallest dimension, the last of equals:
     v5p 4x4x4 for 64 chips, 4x4x8 for 128; v5e 4x8 for 32, 8x16 for 128."""
     if chips < 1 or chips & (chips - 1):
-        raise ConfigError(f"{chips} chips: only powers of two have a default shape; give the torus explicitly, "
-                          f"e.g. --topology=v5p:4x4x12")
+        raise ConfigError(
+            f"{chips} chips: only powers of two have a default shape; give the torus explicitly, "
+            f"e.g. --topology=v5p:4x4x12"
+        )
     shape = [2, 2, 1] if dims == 3 and chips >= 4 else [1] * dims
     while math.prod(shape) < chips:
         smallest = min(shape)
@@ -78,8 +80,10 @@ def parse(name: str, num_slices: int = 1) -> Topology:
     match = re.fullmatch(r"([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)+))", text)
     kind = match and ALIASES.get(match.group(1), match.group(1))
     if not match or kind not in CHIPS:
-        raise ConfigError(f"unknown TPU topology {name!r}: use <generation>-<size> with generation one of "
-                          f"{sorted(CHIPS)} (e.g. v5p-128, v4-32, v5e-16, v6e-256) or libtpu's form (v5p:4x4x4)")
+        raise ConfigError(
+            f"unknown TPU topology {name!r}: use <generation>-<size> with generation one of "
+            f"{sorted(CHIPS)} (e.g. v5p-128, v4-32, v5e-16, v6e-256) or libtpu's form (v5p:4x4x4)"
+        )
     if num_slices < 1:
         raise ConfigError(f"num_slices={num_slices} must be >= 1")
     chip = CHIPS[kind]
@@ -90,8 +94,10 @@ def parse(name: str, num_slices: int = 1) -> Topology:
         return Topology(chip, shape, num_slices)
     count = int(match.group(2))
     if count % chip.cores_in_name:
-        raise ConfigError(f"{name}: {chip.name}-N counts TensorCores, {chip.cores_in_name} per chip, so N must be "
-                          f"even (v4-8 and v5p-8 are 4 chips)")
+        raise ConfigError(
+            f"{name}: {chip.name}-N counts TensorCores, {chip.cores_in_name} per chip, so N must be "
+            f"even (v4-8 and v5p-8 are 4 chips)"
+        )
     return Topology(chip, default_shape(count // chip.cores_in_name, chip.dims), num_slices)
 
 
@@ -106,14 +112,20 @@ def libtpu_available() -> bool:
 def devices(topology: Topology) -> list:
     """Compile-only devices of the topology (every slice), from libtpu's description."""
     if not libtpu_available():
-        raise LibtpuMissing("libtpu is not installed, so TPU topologies cannot be described: pip install libtpu "
-                           "(or pip install -e '.[tpu]'); it is about 140 MB and runs on CPU-only machines")
+        raise LibtpuMissing(
+            "libtpu is not installed, so TPU topologies cannot be described: pip install libtpu "
+            "(or pip install -e '.[tpu]'); it is about 140 MB and runs on CPU-only machines"
+        )
     # Without a TPU here, libtpu would ask the GCE metadata server about one; there is none.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from jax.experimental import topologies
 
     host = (2, 2, 1) if topology.chips_per_slice >= 4 else (1, 1, 1)
     description = topologies.get_topology_desc(
-        topology_name=topology.libtpu_name, platform="tpu", chip_config_name=topology.chip.chip_config,
-        chips_per_host_bounds=host, num_slices=topology.num_slices)
+        topology_name=topology.libtpu_name,
+        platform="tpu",
+        chip_config_name=topology.chip.chip_config,
+        chips_per_host_bounds=host,
+        num_slices=topology.num_slices,
+    )
     return list(description.devices)

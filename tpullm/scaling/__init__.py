@@ -19,7 +19,21 @@ from tpullm.scaling.plan import expected_optimum, isoflop_runs
 from tpullm.scaling.shapes import shape_for_params, shape_grid
 
 __all__ = [
-    "Experiment", "Run", "count_params", "expected_optimum", "fit_envelope", "fit_isoflop", "fit_parametric",
-    "fit_power_law", "flops_breakdown", "isoflop_runs", "load_experiment", "optimal_allocation", "predict",
-    "shape_for_params", "shape_grid", "train_flops", "train_flops_per_token",
+    "Experiment",
+    "Run",
+    "count_params",
+    "expected_optimum",
+    "fit_envelope",
+    "fit_isoflop",
+    "fit_parametric",
+    "fit_power_law",
+    "flops_breakdown",
+    "isoflop_runs",
+    "load_experiment",
+    "optimal_allocation",
+    "predict",
+    "shape_for_params",
+    "shape_grid",
+    "train_flops",
+    "train_flops_per_token",
 ]

@@ -89,7 +89,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
         node = config
         for i, name in enumerate(parents):
             if name not in node:
-                raise KeyError(f"override {key}: the config has no {'.'.join(parents[:i + 1])}")
+                raise KeyError(f"override {key}: the config has no {'.'.join(parents[: i + 1])}")
             node = node[name]
         if leaf not in node:
             raise KeyError(f"override {key}: the config has no key {leaf!r} in {'.'.join(parents) or 'the root'}")
@@ -113,7 +113,12 @@ def _flag_value(value) -> str:
 
 def train_command(experiment: Experiment, run: Run, workdir: str) -> str:
     """The `python -m tpullm.train` command line that trains `run` (one line, shell-quoted)."""
-    args = ["python", "-m", "tpullm.train", f"--config={experiment.base_config}",
-            f"--workdir={run_workdir(workdir, run)}"]
+    args = [
+        "python",
+        "-m",
+        "tpullm.train",
+        f"--config={experiment.base_config}",
+        f"--workdir={run_workdir(workdir, run)}",
+    ]
     args += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides.items()]
     return " ".join(shlex.quote(a) for a in args)

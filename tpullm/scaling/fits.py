@@ -24,7 +24,7 @@ import numpy as np
 def fit_power_law(x, y) -> tuple[float, float]:
     """(exponent p, coefficient k) of y = k x^p, least squares in log-log."""
     p, log_k = np.polyfit(np.log10(np.asarray(x, np.float64)), np.log10(np.asarray(y, np.float64)), 1)
-    return float(p), float(10 ** log_k)
+    return float(p), float(10**log_k)
 
 
 def percentile_intervals(samples: list[dict], ci: float) -> dict:
@@ -67,9 +67,13 @@ def _isoflop_profile(n, d, loss) -> dict | None:
     x_opt = -parabola[1] / (2 * parabola[0])
     # log D is (almost exactly) linear in log N at fixed C: read D_opt off that line.
     line = np.polyfit(x, np.log10(d), 1)
-    return {"n_opt": float(10 ** x_opt), "d_opt": float(10 ** np.polyval(line, x_opt)),
-            "loss_min": float(np.polyval(parabola, x_opt)), "parabola": [float(c) for c in parabola],
-            "extrapolated": bool(x_opt < x.min() or x_opt > x.max())}
+    return {
+        "n_opt": float(10**x_opt),
+        "d_opt": float(10 ** np.polyval(line, x_opt)),
+        "loss_min": float(np.polyval(parabola, x_opt)),
+        "parabola": [float(c) for c in parabola],
+        "extrapolated": bool(x_opt < x.min() or x_opt > x.max()),
+    }
 
 
 def _isoflop_fit(groups) -> tuple[list, dict | None]:
@@ -77,12 +81,20 @@ def _isoflop_fit(groups) -> tuple[list, dict | None]:
     valid = [(c, p) for c, p in profiles if p is not None]
     if len(valid) < 2:
         return profiles, None
-    return profiles, _exponents([c for c, _ in valid], [p["n_opt"] for _, p in valid],
-                                [p["d_opt"] for _, p in valid])
+    return profiles, _exponents([c for c, _ in valid], [p["n_opt"] for _, p in valid], [p["d_opt"] for _, p in valid])
 
 
-def fit_isoflop(flops, n_params, n_tokens, losses, *, n_boot: int = 100, ci: float = 0.8,
-                boot_fraction: float | None = 0.8, seed: int = 0) -> dict:
+def fit_isoflop(
+    flops,
+    n_params,
+    n_tokens,
+    losses,
+    *,
+    n_boot: int = 100,
+    ci: float = 0.8,
+    boot_fraction: float | None = 0.8,
+    seed: int = 0,
+) -> dict:
     """Approach 2. `flops` is each run's budget (runs sharing a value form one IsoFLOP profile).
 
     Returns a, b (N_opt ~ C^a, D_opt ~ C^b), n_coef, d_coef (the power laws' coefficients), and
@@ -95,8 +107,9 @@ def fit_isoflop(flops, n_params, n_tokens, losses, *, n_boot: int = 100, ci: flo
     index = [np.flatnonzero(flops == c) for c in budgets]
     profiles, fit = _isoflop_fit([(c, (n[i], d[i], loss[i])) for c, i in zip(budgets, index)])
     if fit is None:
-        raise ValueError("fit_isoflop needs at least 2 budgets whose profiles have a convex minimum "
-                         "(3+ distinct sizes each)")
+        raise ValueError(
+            "fit_isoflop needs at least 2 budgets whose profiles have a convex minimum (3+ distinct sizes each)"
+        )
     out = {**fit, "profiles": [{"budget": float(c), **(p or {"n_opt": None})} for c, p in profiles]}
     if n_boot > 0:
         rng = np.random.default_rng(seed)
@@ -144,8 +157,12 @@ def _prepare(curve: dict, window: int) -> dict | None:
     if keep.sum() < 2:
         return None
     order = np.argsort(flops[keep])
-    return {"n_params": float(curve["n_params"]), "log_flops": np.log10(flops[keep][order]),
-            "log_tokens": np.log10(tokens[keep][order]), "loss": _smooth(loss[keep][order], window)}
+    return {
+        "n_params": float(curve["n_params"]),
+        "log_flops": np.log10(flops[keep][order]),
+        "log_tokens": np.log10(tokens[keep][order]),
+        "loss": _smooth(loss[keep][order], window),
+    }
 
 
 def _envelope(curves, losses, log_grid, min_runs) -> tuple | None:
@@ -159,13 +176,24 @@ def _envelope(curves, losses, log_grid, min_runs) -> tuple | None:
     n_opt = np.array([curves[w]["n_params"] for w in winner])
     if np.unique(n_opt).size < 2:
         return None
-    d_opt = np.array([10 ** np.interp(x, curves[w]["log_flops"], curves[w]["log_tokens"])
-                      for w, x in zip(winner, log_c)])
-    return 10 ** log_c, n_opt, d_opt, losses[winner, np.flatnonzero(covered)]
+    d_opt = np.array(
+        [10 ** np.interp(x, curves[w]["log_flops"], curves[w]["log_tokens"]) for w, x in zip(winner, log_c)]
+    )
+    return 10**log_c, n_opt, d_opt, losses[winner, np.flatnonzero(covered)]
 
 
-def fit_envelope(curves, *, n_points: int = 1500, smooth: int = 5, min_runs: int = 3, flops_range=None,
-                 n_boot: int = 100, ci: float = 0.8, boot_fraction: float | None = 0.8, seed: int = 0) -> dict:
+def fit_envelope(
+    curves,
+    *,
+    n_points: int = 1500,
+    smooth: int = 5,
+    min_runs: int = 3,
+    flops_range=None,
+    n_boot: int = 100,
+    ci: float = 0.8,
+    boot_fraction: float | None = 0.8,
+    seed: int = 0,
+) -> dict:
     """Approach 1 from training curves: a list of {"n_params", "flops", "tokens", "loss"} (arrays
     of the FLOPs and tokens so far and the loss at each logged step).
 
@@ -185,8 +213,10 @@ def fit_envelope(curves, *, n_points: int = 1500, smooth: int = 5, min_runs: int
     if points is None:
         raise ValueError("fit_envelope: the envelope holds fewer than 2 model sizes; no power law to fit")
     c, n_opt, d_opt, loss = points
-    out = {**_exponents(c, n_opt, d_opt),
-           "envelope": {"flops": c.tolist(), "n_opt": n_opt.tolist(), "d_opt": d_opt.tolist(), "loss": loss.tolist()}}
+    out = {
+        **_exponents(c, n_opt, d_opt),
+        "envelope": {"flops": c.tolist(), "n_opt": n_opt.tolist(), "d_opt": d_opt.tolist(), "loss": loss.tolist()},
+    }
     if n_boot > 0:
         rng = np.random.default_rng(seed)
         samples = []

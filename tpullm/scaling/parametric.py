@@ -27,8 +27,13 @@ from tpullm.scaling.fits import percentile_intervals, resample
 
 HUBER_DELTA = 1e-3
 # The paper's initialisation grid: 5 * 5 * 5 * 6 * 6 = 4500 starts.
-INIT_GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
-             "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0)}
+INIT_GRID = {
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.1, 5.0),
+    "b": np.arange(0.0, 25.1, 5.0),
+}
 _ORDER = ("a", "b", "e", "alpha", "beta")  # the layout of theta
 MAX_ITER = 2000
 # The objective is ~1e-4: stop when the gradient vanishes or a step changes it by < 1e-15,
@@ -45,14 +50,14 @@ def objective(theta, log_n, log_d, log_loss, delta=HUBER_DELTA, weights=1.0):
     a, b, e, alpha, beta = theta
     terms = jnp.stack([a - alpha * log_n, b - beta * log_d, jnp.full_like(log_n, e)])
     r = jax.nn.logsumexp(terms, axis=0) - log_loss
-    return jnp.sum(weights * jnp.where(jnp.abs(r) <= delta, 0.5 * r ** 2, delta * (jnp.abs(r) - 0.5 * delta)))
+    return jnp.sum(weights * jnp.where(jnp.abs(r) <= delta, 0.5 * r**2, delta * (jnp.abs(r) - 0.5 * delta)))
 
 
 @functools.cache
 def _lbfgs_fn(delta: float):
     """One jitted L-BFGS run (optax, zoom line search) from theta0 on data passed as arguments,
-    so every start and every bootstrap replicate reuses one compilation (~4 s), after which a run
-    takes ~1-2 ms. Call it under `jax.enable_x64(True)`."""
+    so every start and every bootstrap replicate reuses one compilation (seconds), after which a run
+    takes milliseconds. Call it under `jax.enable_x64(True)`."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -109,7 +114,7 @@ def _objective_at(starts, log_n, log_d, log_loss, delta):
     terms = np.stack(np.broadcast_arrays(a - alpha * log_n, b - beta * log_d, e + 0 * log_n))
     top = terms.max(axis=0)
     r = top + np.log(np.exp(terms - top).sum(axis=0)) - log_loss
-    return np.where(np.abs(r) <= delta, 0.5 * r ** 2, delta * (np.abs(r) - 0.5 * delta)).sum(axis=-1)
+    return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum(axis=-1)
 
 
 def _grid(init_grid) -> np.ndarray:
@@ -128,9 +133,20 @@ def _as_params(theta) -> dict:
     return out
 
 
-def fit_parametric(n_params, n_tokens, losses, *, delta: float = HUBER_DELTA, init_grid: dict | None = None,
-                   n_starts: int | None = 256, n_boot: int = 0, ci: float = 0.8,
-                   boot_fraction: float | None = 0.8, boot_starts: int = 10, seed: int = 0) -> dict:
+def fit_parametric(
+    n_params,
+    n_tokens,
+    losses,
+    *,
+    delta: float = HUBER_DELTA,
+    init_grid: dict | None = None,
+    n_starts: int | None = 256,
+    n_boot: int = 0,
+    ci: float = 0.8,
+    boot_fraction: float | None = 0.8,
+    boot_starts: int = 10,
+    seed: int = 0,
+) -> dict:
     """Fits L(N, D) = E + A/N^alpha + B/D^beta; arrays in, floats out.
 
     L-BFGS runs from the `n_starts` points of the paper's initialisation grid with the lowest

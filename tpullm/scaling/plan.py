@@ -34,19 +34,30 @@ def budget_label(budget: float) -> str:
     return f"{budget:.2g}".replace("e+", "e")
 
 
-def isoflop_runs(base_config, budgets, *, sizes_per_budget: int = 7, span: float = 4.0,
-                 tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM, min_steps: int = 50,
-                 warmup_fraction: float = 0.05, log_points: int = 64, corpus_tokens: float | None = None,
-                 shape_kwargs: dict | None = None, extra_overrides: dict | None = None) -> list[Run]:
+def isoflop_runs(
+    base_config,
+    budgets,
+    *,
+    sizes_per_budget: int = 7,
+    span: float = 4.0,
+    tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM,
+    min_steps: int = 50,
+    warmup_fraction: float = 0.05,
+    log_points: int = 64,
+    corpus_tokens: float | None = None,
+    shape_kwargs: dict | None = None,
+    extra_overrides: dict | None = None,
+) -> list[Run]:
     """The runs of an IsoFLOP sweep on top of `base_config` (a ConfigDict such as configs/demo.py's)
     with `extra_overrides` (dotted keys) applied: the plan is made for that config, and every run
     carries those overrides too, so a run rebuilds from the config file alone.
 
     For each budget C: `sizes_per_budget` (5-9 for a real sweep: a parabola needs 3 and a visible
-    valley more) targets log-spaced over [N_opt / span, N_opt * span] around `expected_optimum(C)`, turned into shapes by `shape_grid(**shape_kwargs)` (duplicates
-    dropped); tokens D = C / (exact training FLOPs per token), rounded to whole steps of the base
-    config's batch_size x seq_len. A size that would get fewer than `min_steps` steps is left out
-    with a warning (its schedule would be mostly warmup). Warmup is `warmup_fraction` of each run.
+    valley more) targets log-spaced over [N_opt / span, N_opt * span] around `expected_optimum(C)`,
+    turned into shapes by `shape_grid(**shape_kwargs)` (duplicates dropped); tokens D = C / (exact
+    training FLOPs per token), rounded to whole steps of the base config's batch_size x seq_len. A
+    size that would get fewer than `min_steps` steps is left out with a warning (its schedule would
+    be mostly warmup). Warmup is `warmup_fraction` of each run.
     The loss is logged ~`log_points` times per run (Approach 1 reads these curves) and validated
     once, at the end; checkpoints every quarter of the run. `corpus_tokens` (optional) adds the
     epochs over the corpus to `info`.
@@ -66,17 +77,25 @@ def isoflop_runs(base_config, budgets, *, sizes_per_budget: int = 7, span: float
             per_token = train_flops_per_token(shape, "chinchilla", seq_len)
             steps = int(round(budget / per_token / tokens_per_step))
             if steps < min_steps:
-                warnings.warn(f"budget {budget:.3g}: {counts['total']:,} parameters would train for {steps} steps "
-                              f"(< min_steps={min_steps}); left out")
+                warnings.warn(
+                    f"budget {budget:.3g}: {counts['total']:,} parameters would train for {steps} steps "
+                    f"(< min_steps={min_steps}); left out"
+                )
                 continue
             tokens = steps * tokens_per_step
             info = {
                 "budget": float(budget),
                 "n_params": counts["active"],
                 "n_params_non_embedding": counts["active_non_embedding"],
-                "num_layers": shape.num_layers, "embed_dim": shape.embed_dim, "num_heads": shape.num_heads,
-                "head_dim": shape.head_dim, "mlp_dim": shape.mlp_dim,
-                "seq_len": seq_len, "tokens_per_step": tokens_per_step, "steps": steps, "tokens": tokens,
+                "num_layers": shape.num_layers,
+                "embed_dim": shape.embed_dim,
+                "num_heads": shape.num_heads,
+                "head_dim": shape.head_dim,
+                "mlp_dim": shape.mlp_dim,
+                "seq_len": seq_len,
+                "tokens_per_step": tokens_per_step,
+                "steps": steps,
+                "tokens": tokens,
                 "flops_per_token": per_token,
                 "flops": per_token * tokens,  # the exact count; within a step's worth of the budget
                 "flops_6n": 6.0 * counts["active"] * tokens,
@@ -85,9 +104,12 @@ def isoflop_runs(base_config, budgets, *, sizes_per_budget: int = 7, span: float
             if corpus_tokens:
                 info["epochs"] = tokens / corpus_tokens
             overrides = {
-                "model.num_layers": shape.num_layers, "model.embed_dim": shape.embed_dim,
-                "model.num_heads": shape.num_heads, "model.num_kv_heads": shape.num_kv_heads,
-                "model.head_dim": shape.head_dim, "model.mlp_dim": shape.mlp_dim,
+                "model.num_layers": shape.num_layers,
+                "model.embed_dim": shape.embed_dim,
+                "model.num_heads": shape.num_heads,
+                "model.num_kv_heads": shape.num_kv_heads,
+                "model.head_dim": shape.head_dim,
+                "model.mlp_dim": shape.mlp_dim,
                 "train.steps": steps,
                 "optimizer.warmup_steps": max(1, min(steps - 1, round(warmup_fraction * steps))),
                 "train.log_every": max(1, steps // log_points),
@@ -106,8 +128,10 @@ def plan_table(experiment: Experiment, flops_per_sec: float, overhead_sec: float
     `flops_per_sec`, plus `overhead_sec` per run (start-up: data, compilation, evaluation)."""
     from tpullm.training.metrics import format_eta  # imports jax: only when a table is asked for
 
-    lines = [f"experiment {experiment.name}: {len(experiment.runs)} runs on {experiment.base_config}",
-             f"{'run':<24} {'params':>10} {'shape':>10} {'tokens':>11} {'steps':>6} {'FLOPs':>9} {'est. time':>9}"]
+    lines = [
+        f"experiment {experiment.name}: {len(experiment.runs)} runs on {experiment.base_config}",
+        f"{'run':<24} {'params':>10} {'shape':>10} {'tokens':>11} {'steps':>6} {'FLOPs':>9} {'est. time':>9}",
+    ]
     total_flops = total_sec = 0.0
     for run in experiment.runs:
         i = run.info
@@ -115,9 +139,12 @@ def plan_table(experiment: Experiment, flops_per_sec: float, overhead_sec: float
         total_flops += i.get("flops", 0.0)
         total_sec += sec
         shape = f"{i.get('num_layers', '?')}x{i.get('embed_dim', '?')}"
-        lines.append(f"{run.name:<24} {i.get('n_params', 0):>10,} {shape:>10} {i.get('tokens', 0):>11,} "
-                     f"{i.get('steps', 0):>6} {i.get('flops', 0.0):>9.2e} {format_eta(sec):>9}")
-    lines.append(f"total: {total_flops:.3e} FLOPs, about {format_eta(total_sec)} at {flops_per_sec / 1e9:.0f} GFLOP/s "
-                 f"effective + {overhead_sec:.0f}s start-up per run")
+        lines.append(
+            f"{run.name:<24} {i.get('n_params', 0):>10,} {shape:>10} {i.get('tokens', 0):>11,} "
+            f"{i.get('steps', 0):>6} {i.get('flops', 0.0):>9.2e} {format_eta(sec):>9}"
+        )
+    lines.append(
+        f"total: {total_flops:.3e} FLOPs, about {format_eta(total_sec)} at {flops_per_sec / 1e9:.0f} GFLOP/s "
+        f"effective + {overhead_sec:.0f}s start-up per run"
+    )
     return "\n".join(lines)
-

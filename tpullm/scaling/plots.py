@@ -42,9 +42,16 @@ def plot_isoflop(path: str, isoflop_fit: dict, flops, n_params, losses, loss_nam
         ax.scatter(n[sel], loss[sel], color=colors[c], label=f"{c:.1e} FLOPs", zorder=3)
         if profile.get("parabola"):
             x = np.linspace(np.log10(n[sel].min()) - 0.15, np.log10(n[sel].max()) + 0.15, 100)
-            ax.plot(10 ** x, np.polyval(profile["parabola"], x), color=colors[c], lw=1)
-            ax.scatter([profile["n_opt"]], [profile["loss_min"]], color=colors[c], marker="*", s=160,
-                       edgecolor="black", zorder=4)
+            ax.plot(10**x, np.polyval(profile["parabola"], x), color=colors[c], lw=1)
+            ax.scatter(
+                [profile["n_opt"]],
+                [profile["loss_min"]],
+                color=colors[c],
+                marker="*",
+                s=160,
+                edgecolor="black",
+                zorder=4,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel(loss_name)
@@ -93,8 +100,9 @@ def plot_parametric(path: str, params: dict, n_params, n_tokens, losses, flops_r
     n, d, loss = (np.asarray(v, np.float64) for v in (n_params, n_tokens, losses))
     c_lo, c_hi = flops_range[0] / 3, flops_range[1] * 3
     n_lo, n_hi = n.min() / 3, n.max() * 3
-    cc, nn = np.meshgrid(np.logspace(np.log10(c_lo), np.log10(c_hi), 200),
-                         np.logspace(np.log10(n_lo), np.log10(n_hi), 200))
+    cc, nn = np.meshgrid(
+        np.logspace(np.log10(c_lo), np.log10(c_hi), 200), np.logspace(np.log10(n_lo), np.log10(n_hi), 200)
+    )
     grid_loss = predict(params, nn, cc / (6 * nn))
     levels = np.quantile(np.concatenate([loss, np.ravel(grid_loss)]), np.linspace(0.02, 0.98, 20))
     fig, (ax,) = _figure(width=7.0)
@@ -103,8 +111,13 @@ def plot_parametric(path: str, params: dict, n_params, n_tokens, losses, flops_r
     ax.scatter(6 * n * d, n, c=loss, cmap="viridis_r", norm=contours.norm, edgecolor="white", s=30, zorder=3)
     if "G" in params:
         c = np.logspace(np.log10(c_lo), np.log10(c_hi), 50)
-        ax.plot(c, optimal_allocation(params, c)[0], color="C3", lw=2,
-                label=f"efficient frontier: N_opt ~ C^{params['a']:.3f}")
+        ax.plot(
+            c,
+            optimal_allocation(params, c)[0],
+            color="C3",
+            lw=2,
+            label=f"efficient frontier: N_opt ~ C^{params['a']:.3f}",
+        )
         ax.legend(fontsize=8, loc="upper left")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -112,6 +125,8 @@ def plot_parametric(path: str, params: dict, n_params, n_tokens, losses, flops_r
     ax.set_ylim(n_lo, n_hi)
     ax.set_xlabel("training FLOPs (6ND)")
     ax.set_ylabel("parameters N")
-    ax.set_title(f"L = {params['E']:.3f} + {params['A']:.4g}/N^{params['alpha']:.3f} + "
-                 f"{params['B']:.4g}/D^{params['beta']:.3f}", fontsize=9)
+    ax.set_title(
+        f"L = {params['E']:.3f} + {params['A']:.4g}/N^{params['alpha']:.3f} + {params['B']:.4g}/D^{params['beta']:.3f}",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=120)

@@ -45,9 +45,11 @@ def read_curve(run_dir: str) -> dict:
     for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
         by_step[int(row["step"])] = row
     steps = sorted(by_step)
-    return {"step": steps,
-            "loss": [by_step[s].get("loss", float("nan")) for s in steps],
-            "val_loss": [by_step[s].get("val_loss", float("nan")) for s in steps]}
+    return {
+        "step": steps,
+        "loss": [by_step[s].get("loss", float("nan")) for s in steps],
+        "val_loss": [by_step[s].get("val_loss", float("nan")) for s in steps],
+    }
 
 
 def _logged_final(run_dir: str, steps: int) -> dict | None:
@@ -61,8 +63,12 @@ def _logged_final(run_dir: str, steps: int) -> dict | None:
 
 def write_plan(experiment: Experiment, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    plan = {"name": experiment.name, "base_config": experiment.base_config, "description": experiment.description,
-            "runs": [{"name": r.name, "overrides": r.overrides, "info": r.info} for r in experiment.runs]}
+    plan = {
+        "name": experiment.name,
+        "base_config": experiment.base_config,
+        "description": experiment.description,
+        "runs": [{"name": r.name, "overrides": r.overrides, "info": r.info} for r in experiment.runs],
+    }
     with open(os.path.join(workdir, PLAN_FILE), "w") as f:
         json.dump(plan, f, indent=1)
 
@@ -88,8 +94,10 @@ class Progress:
         rate = self.measured_flops / self.measured_sec if self.measured_sec else self.assumed
         share = self.done / self.total if self.total else 1.0
         source = "measured" if self.measured_sec else "assumed"
-        return (f"{share:.0%} of {self.total:.2e} FLOPs done; ETA {format_eta((self.total - self.done) / rate)} "
-                f"at {rate / 1e9:.1f} GFLOP/s ({source})")
+        return (
+            f"{share:.0%} of {self.total:.2e} FLOPs done; ETA {format_eta((self.total - self.done) / rate)} "
+            f"at {rate / 1e9:.1f} GFLOP/s ({source})"
+        )
 
 
 def _append(workdir: str, row: dict) -> None:
@@ -99,8 +107,16 @@ def _append(workdir: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def run_sweep(experiment: Experiment, workdir: str, *, train_fn=None, assumed_flops_per_sec: float = 40e9,
-              max_runs: int | None = None, collect_only: bool = False, log=print) -> list[dict]:
+def run_sweep(
+    experiment: Experiment,
+    workdir: str,
+    *,
+    train_fn=None,
+    assumed_flops_per_sec: float = 40e9,
+    max_runs: int | None = None,
+    collect_only: bool = False,
+    log=print,
+) -> list[dict]:
     """Trains every run of `experiment` not yet in `workdir`'s results table; returns the table.
 
     A run whose workdir already logged its last step (trained by a printed command on a pod, or
@@ -119,8 +135,18 @@ def run_sweep(experiment: Experiment, workdir: str, *, train_fn=None, assumed_fl
             continue
         final = _logged_final(run_workdir(workdir, run), int(build_config(experiment, run).train.steps))
         if final:
-            _append(workdir, {"name": run.name, **run.info, **final, "wall_sec": None, "flops_per_sec": None,
-                              "recorded_from": "metrics.jsonl", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            _append(
+                workdir,
+                {
+                    "name": run.name,
+                    **run.info,
+                    **final,
+                    "wall_sec": None,
+                    "flops_per_sec": None,
+                    "recorded_from": "metrics.jsonl",
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
             done.add(run.name)
     todo = [] if collect_only else [r for r in runs if r.name not in done]
     progress = Progress(runs, done, assumed_flops_per_sec)
@@ -130,20 +156,32 @@ def run_sweep(experiment: Experiment, workdir: str, *, train_fn=None, assumed_fl
         info = run.info
         run_dir = run_workdir(workdir, run)
         resumed = os.path.exists(os.path.join(run_dir, "metrics.jsonl"))  # an earlier attempt was interrupted
-        log(f"[{index}/{len(runs)}] {run.name}: {info.get('n_params', 0):,} params, {info.get('tokens', 0):,} tokens, "
-            f"{info.get('flops', 0.0):.2e} FLOPs{' (resuming an interrupted attempt)' if resumed else ''}")
+        log(
+            f"[{index}/{len(runs)}] {run.name}: {info.get('n_params', 0):,} params, {info.get('tokens', 0):,} tokens, "
+            f"{info.get('flops', 0.0):.2e} FLOPs{' (resuming an interrupted attempt)' if resumed else ''}"
+        )
         config = build_config(experiment, run)
         start = time.time()
         returned = train_fn(config, run_dir) or {}
         wall = time.time() - start
         final = _logged_final(run_dir, int(config.train.steps)) or {
-            "train_loss": returned.get("loss", float("nan")), "val_loss": returned.get("val_loss", float("nan"))}
-        row = {"name": run.name, **info, **final, "wall_sec": wall,
-               "flops_per_sec": info.get("flops", 0.0) / wall if wall > 0 else None,
-               "unigram_entropy": returned.get("unigram_entropy"), "resumed": resumed,
-               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "train_loss": returned.get("loss", float("nan")),
+            "val_loss": returned.get("val_loss", float("nan")),
+        }
+        row = {
+            "name": run.name,
+            **info,
+            **final,
+            "wall_sec": wall,
+            "flops_per_sec": info.get("flops", 0.0) / wall if wall > 0 else None,
+            "unigram_entropy": returned.get("unigram_entropy"),
+            "resumed": resumed,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         _append(workdir, row)
         progress.add(info.get("flops", 0.0), wall)
-        log(f"[{index}/{len(runs)}] {run.name} finished in {wall:.0f}s: train loss {row['train_loss']:.4f}, "
-            f"validation loss {row['val_loss']:.4f}; {progress.text()}")
+        log(
+            f"[{index}/{len(runs)}] {run.name} finished in {wall:.0f}s: train loss {row['train_loss']:.4f}, "
+            f"validation loss {row['val_loss']:.4f}; {progress.text()}"
+        )
     return read_results(workdir)

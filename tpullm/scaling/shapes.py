@@ -29,17 +29,33 @@ def _round_to(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
 
-def _shape(base: ModelConfig, layers: int, width: int, head_dim: int, kv_ratio: int, mlp_ratio: float,
-           width_multiple: int) -> ModelConfig:
+def _shape(
+    base: ModelConfig, layers: int, width: int, head_dim: int, kv_ratio: int, mlp_ratio: float, width_multiple: int
+) -> ModelConfig:
     heads = max(1, round(width / head_dim))
     kv = heads // kv_ratio if kv_ratio > 1 and heads % kv_ratio == 0 else heads
-    return dataclasses.replace(base, num_layers=layers, embed_dim=width, num_heads=heads, num_kv_heads=kv,
-                               head_dim=head_dim, mlp_dim=_round_to(mlp_ratio * width, width_multiple))
+    return dataclasses.replace(
+        base,
+        num_layers=layers,
+        embed_dim=width,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        mlp_dim=_round_to(mlp_ratio * width, width_multiple),
+    )
 
 
-def shape_for_params(target: float, base, *, aspect_ratio: float = DEFAULT_ASPECT_RATIO, head_dim: int = 32,
-                     width_multiple: int = 16, kv_ratio: int = 1, mlp_ratio: float | None = None,
-                     count: str = "total") -> ModelConfig:
+def shape_for_params(
+    target: float,
+    base,
+    *,
+    aspect_ratio: float = DEFAULT_ASPECT_RATIO,
+    head_dim: int = 32,
+    width_multiple: int = 16,
+    kv_ratio: int = 1,
+    mlp_ratio: float | None = None,
+    count: str = "total",
+) -> ModelConfig:
     """The ModelConfig of `base` (its vocab, norms, MLP kind, ...) reshaped to ~`target` parameters.
 
     `count` names the `count_params` entry to match ("total", "non_embedding", "active", ...).
@@ -50,7 +66,7 @@ def shape_for_params(target: float, base, *, aspect_ratio: float = DEFAULT_ASPEC
     if head_dim % 2 and base.positions == "rope":
         raise ValueError(f"head_dim={head_dim} must be even for RoPE")
     per_layer = 4 + (3 if base.mlp == "swiglu" else 2) * mlp_ratio  # x d^2
-    layers = max(1, round((target / (per_layer * aspect_ratio ** 2)) ** (1 / 3)))
+    layers = max(1, round((target / (per_layer * aspect_ratio**2)) ** (1 / 3)))
     best, best_err, width = None, math.inf, width_multiple
     while True:
         shape = _shape(base, layers, width, head_dim, kv_ratio, mlp_ratio, width_multiple)
@@ -77,5 +93,7 @@ def shape_grid(targets, base, **kwargs) -> list[ModelConfig]:
 
 def describe_shape(m: ModelConfig) -> str:
     m = m.resolve()
-    return (f"{m.num_layers} layers x {m.embed_dim} wide, {m.num_heads} heads of {m.head_dim}"
-            f"{f' ({m.num_kv_heads} kv)' if m.num_kv_heads != m.num_heads else ''}, mlp {m.mlp_dim}")
+    return (
+        f"{m.num_layers} layers x {m.embed_dim} wide, {m.num_heads} heads of {m.head_dim}"
+        f"{f' ({m.num_kv_heads} kv)' if m.num_kv_heads != m.num_heads else ''}, mlp {m.mlp_dim}"
+    )

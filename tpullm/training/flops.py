@@ -1,4 +1,4 @@
-"""Parameter counts, training FLOPs per token, chip peaks and MFU: plain Python arithmetic.
+"""Parameter counts, training FLOPs per token and chip peaks: plain Python arithmetic.
 
 Everything reads a *resolved* `ModelConfig` (`num_kv_heads` and `head_dim` filled in);
 an unresolved one is resolved here so 0 ("derive") never leaks into a count.
@@ -12,10 +12,11 @@ from tpullm.config import ModelConfig
 
 FLOPS_CONVENTION = (
     "6 * matmul_params + attention; matmul_params = non-embedding weight matrices + the "
-    "vocab x embed unembedding (norms, biases and the embedding lookup excluded; MoE layers: the router "
-    "and the experts_per_token active experts); "
+    "vocab x embed unembedding (norms, biases, the embedding lookup and vocab padding excluded; MoE "
+    "layers: the router and the experts_per_token active experts); "
     "attention = 3 * 4 * layers * min(seq_len, window) * heads * head_dim for QK^T and AV, "
-    "full (not causally halved) as in Chinchilla (Hoffmann et al. 2022, App. F) and PaLM's MFU")
+    "full (not causally halved) as in Chinchilla (Hoffmann et al. 2022, App. F) and PaLM's MFU"
+)
 
 
 def _resolved(m: ModelConfig) -> ModelConfig:
@@ -69,12 +70,13 @@ def _norm_params(m: ModelConfig) -> int:
 
 
 def param_counts(m: ModelConfig) -> dict:
-    """{'total', 'non_embedding', 'active', 'active_non_embedding'} counted from the config.
+    """{'total', 'non_embedding', 'active', 'active_non_embedding', 'vocab_padding'} counted from the config.
 
     non_embedding is Kaplan et al.'s N: everything but the token embedding, the learned
     position table and the lm head (norms and biases included). The active counts are what one
     token uses: in MoE layers the router and experts_per_token experts (equal to the totals for
-    a dense model).
+    a dense model). The counts are of the model's vocab_size; vocab_padding is the rows the
+    tables hold beyond it (`vocab_pad_multiple`), which the built module adds to the total.
     """
     m = _resolved(m)
     token_embedding = m.vocab_size * m.embed_dim
@@ -89,12 +91,56 @@ def param_counts(m: ModelConfig) -> dict:
         "non_embedding": non_embedding,
         "active": embedding + active_non_embedding,
         "active_non_embedding": active_non_embedding,
+        "vocab_padding": (m.padded_vocab_size - m.vocab_size) * m.embed_dim * (1 if m.tie_embeddings else 2),
     }
 
 
-def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
-    """Training (forward + backward) FLOPs per token; see FLOPS_CONVENTION.
+def forward_flops(m: ModelConfig, seq_len: int) -> dict:
+    """Forward FLOPs per token by part, the accounting of Hoffmann et al. 2022 (Chinchilla), App. F.
 
+    Per token (the paper's per-sequence terms divided by seq_len s), with d = embed_dim, V = vocab,
+    h / h_kv query / key-value heads of k = head_dim, a = min(s, window) keys attended:
+        embeddings        2 V d                 (the lookup counted as a one-hot matmul)
+        qkv               2 d (h + 2 h_kv) k    (per layer; the paper has 2*3*d*k*h, GQA shrinks K and V)
+        attention_logits  2 a k h               (per layer: key @ query)
+        softmax           3 h a                 (per layer)
+        attention_values  2 a k h               (per layer: softmax @ value)
+        attention_output  2 k h d               (per layer)
+        mlp               2 x the MLP weights of all layers (2 or 3 d x mlp_dim matrices; in MoE layers
+                          the experts_per_token experts and the router)
+        final_logits      2 d V
+    plus `attention` (the five per-layer attention parts summed), `dense` (mlp per layer),
+    `layers` (all layers), `forward` and `train` (= 3 x forward: backward is twice the forward).
+    The full s x s square counts (no causal halving), as in the paper.
+    """
+    m = _resolved(m)
+    attended = min(seq_len, m.sliding_window) if m.sliding_window else seq_len
+    d, v, h, hk, k = m.embed_dim, m.vocab_size, m.num_heads, m.num_kv_heads, m.head_dim
+    part = {
+        "embeddings": 2 * v * d,
+        "qkv": 2 * d * (h + 2 * hk) * k,
+        "attention_logits": 2 * attended * k * h,
+        "softmax": 3 * h * attended,
+        "attention_values": 2 * attended * k * h,
+        "attention_output": 2 * k * h * d,
+    }
+    part["attention"] = sum(
+        part[name] for name in ("qkv", "attention_logits", "softmax", "attention_values", "attention_output")
+    )
+    part["mlp"] = 2 * (m.num_layers * _mlp_matrices(m) + moe_layers(m) * _moe_extra(m, m.experts_per_token))
+    part["dense"] = part["mlp"] / m.num_layers
+    part["final_logits"] = 2 * d * v
+    part["layers"] = m.num_layers * part["attention"] + part["mlp"]
+    part["forward"] = part["embeddings"] + part["layers"] + part["final_logits"]
+    part["train"] = 3 * part["forward"]
+    return part
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
+    """Training (forward + backward) FLOPs per token for MFU; see FLOPS_CONVENTION.
+
+    These are `forward_flops`' parts without the embedding lookup and the softmax: the matmuls
+    (2 FLOPs per weight and token, so 6 with the backward) and the attention's two products.
     The logits matmul counts even with tied embeddings: the weights are shared but the
     multiply still happens. The attention term is the full seq_len x seq_len square, not the
     causal half that a masked kernel could skip, so MFU is comparable with published numbers.
@@ -102,15 +148,12 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
     weights), not capacity padding or dropped tokens.
     """
     m = _resolved(m)
-    matmul_params = (m.num_layers * _layer_matrices(m) + moe_layers(m) * _moe_extra(m, m.experts_per_token)
-                     + m.embed_dim * m.vocab_size)
-    attended = min(seq_len, m.sliding_window) if m.sliding_window else seq_len
-    # Per token and layer, forward: QK^T and AV are each 2 * attended * heads * head_dim.
-    # Backward costs twice the forward, hence the 3.
-    attention = 3 * 2 * 2 * m.num_layers * attended * m.num_heads * m.head_dim
+    part = forward_flops(m, seq_len)
+    matmul_flops = m.num_layers * (part["qkv"] + part["attention_output"]) + part["mlp"] + part["final_logits"]
+    attention = 3 * m.num_layers * (part["attention_logits"] + part["attention_values"])
     return {
-        "total": 6 * matmul_params + attention,
-        "matmul_params": matmul_params,
+        "total": 3 * matmul_flops + attention,
+        "matmul_params": matmul_flops // 2,
         "attention": attention,
         "convention": FLOPS_CONVENTION,
     }
@@ -119,9 +162,12 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> dict:
 # Dense bf16 peak FLOP/s per *chip*, matched against device.device_kind (lowercased) in
 # order, so the more specific names ("v5 lite") come before the looser ones ("tpu v5").
 _CHIP_PEAKS = (
-    ("v6 lite", 918e12), ("v6e", 918e12),
-    ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v5p", 459e12), ("tpu v5", 459e12),  # v5p reports device_kind "TPU v5"
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports device_kind "TPU v5"
     ("tpu v4", 275e12),
     ("tpu v3", 123e12),
     ("tpu v2", 45e12),
@@ -154,14 +200,3 @@ def peak_flops_per_device(device) -> float | None:
         if name in kind:
             return peak / dict(_DEVICES_PER_CHIP).get(name, 1)
     return None
-
-
-def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilization: achieved model FLOP/s over the device's peak (None if unknown).
-
-    Pass `flops_per_token(m, seq_len)["total"]`: the model's FLOPs, not the hardware's, so
-    rematerialization does not raise MFU.
-    """
-    if not peak:
-        return None
-    return tokens_per_sec_per_device * flops_per_token / peak

@@ -16,14 +16,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpullm import config as config_lib, data
-from tpullm import errors
+from tpullm import config as config_lib
+from tpullm import data, errors
+from tpullm.checkpoint import (
+    config_change as ckpt_config,
+)
+from tpullm.checkpoint import (
+    lock as ckpt_lock,
+)
+from tpullm.checkpoint import (
+    manager as ckpt,
+)
+from tpullm.checkpoint import (
+    policy as ckpt_policy,
+)
+from tpullm.checkpoint import (
+    resume as ckpt_resume,
+)
 from tpullm.errors import UserError
-from tpullm.checkpoint import (config_change as ckpt_config, lock as ckpt_lock, manager as ckpt,
-                               policy as ckpt_policy, resume as ckpt_resume)
 from tpullm.models import Decoder
-from tpullm.parallel import distributed, guard, mesh as mesh_lib, rules
-from tpullm.training import flops, metrics as metrics_lib, validation
+from tpullm.parallel import distributed, guard, rules
+from tpullm.parallel import mesh as mesh_lib
+from tpullm.training import flops, validation
+from tpullm.training import metrics as metrics_lib
 from tpullm.training.optimizer import learning_rate_schedule, make_optimizer
 from tpullm.training.state import TrainState
 from tpullm.training.step import make_eval_step, make_train_step
@@ -80,8 +95,9 @@ def build(config, model_cfg, devices=None) -> Setup:
         layout = guard.check(abstract_boxed.params, mesh.shape, config.mesh.max_replicated_share)
         state_shardings = rules.state_shardings(abstract_boxed, mesh)
         init_state = jax.jit(lambda rng: nn.unbox(boxed_state(rng)), out_shardings=state_shardings)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  nn.unbox(abstract_boxed), state_shardings)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract_boxed), state_shardings
+    )
     return Setup(model, mesh, state_shardings, abstract_state, init_state, optimizer, schedule, layout)
 
 
@@ -89,10 +105,18 @@ def jit_train_step(setup: Setup, config):
     """The train step as the loop runs it: jitted with the state's and the batch's shardings and
     the state donated. Trace it (call, or `.lower`) under `jax.set_mesh(setup.mesh)` and the rules."""
     return jax.jit(
-        make_train_step(setup.model, setup.optimizer, setup.schedule, config.optimizer.z_loss,
-                        config.train.grad_accum_steps),
+        make_train_step(
+            setup.model,
+            setup.optimizer,
+            setup.schedule,
+            config.optimizer.z_loss,
+            config.train.grad_accum_steps,
+            config.train.seed,
+        ),
         in_shardings=(setup.state_shardings, rules.batch_sharding(setup.mesh)),
-        out_shardings=(setup.state_shardings, None), donate_argnums=0)
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
 
 
 def put_batch(batch: dict, sharding, global_batch_size: int | None = None) -> dict:
@@ -102,6 +126,7 @@ def put_batch(batch: dict, sharding, global_batch_size: int | None = None) -> di
     process passes the whole global batch and JAX takes its rows from it; a pipeline that reads
     only this process's rows (`parallel.distributed.process_rows`) passes `global_batch_size`.
     """
+
     def put(v):
         rows = v.shape[0] if global_batch_size is None else global_batch_size
         return jax.make_array_from_process_local_data(sharding, v, (rows, *v.shape[1:]))
@@ -118,7 +143,8 @@ def _check_finite(step: int, metrics: dict, newest_saved: int | None) -> None:
     raise TrainingDiverged(
         f"step {step}: loss {values['loss']}, gradient norm {values['grad_norm']}: training diverged; stopped before "
         f"saving anything non-finite ({kept}). Lower optimizer.learning_rate, raise optimizer.warmup_steps or "
-        f"set optimizer.grad_clip, then run the same command to resume")
+        f"set optimizer.grad_clip, then run the same command to resume"
+    )
 
 
 class TrainingDiverged(UserError):
@@ -139,9 +165,11 @@ def _resume_data(manager, step: int, batches, changes: dict, config) -> None:
         log("data: the data stream changed (allowed by train.allow_changes); it starts from its beginning")
         return
     skip = step * old_batch // config.train.batch_size
-    log(f"data: train.batch_size changed from {old_batch} to {config.train.batch_size} (allowed by "
+    log(
+        f"data: train.batch_size changed from {old_batch} to {config.train.batch_size} (allowed by "
         f"train.allow_changes); the data stream restarts and skips the {step * old_batch} rows the run consumed "
-        f"({skip} batches of the new size)")
+        f"({skip} batches of the new size)"
+    )
     batches.skip(skip)
 
 
@@ -165,7 +193,8 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise config_lib.ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
-            f"set model.vocab_size >= {tokenizer.vocab_size}")
+            f"set model.vocab_size >= {tokenizer.vocab_size}"
+        )
     sources = data.DataSources(config.data, tokenizer)
     for line in sources.describe():
         log(f"data: {line}")
@@ -173,14 +202,18 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     validation.check_rows(val_rows.n_rows, t.batch_size, config.data.val_fraction, warn)
     val_rows = val_rows.take(slice(None))
     unigram = sources.unigram_entropy()
-    log(f"data: {len(val_rows['tokens'])} validation rows of {config.data.seq_len} tokens; unigram entropy "
-        f"{unigram:.3f} nats/token")
+    log(
+        f"data: {len(val_rows['tokens'])} validation rows of {config.data.seq_len} tokens; unigram entropy "
+        f"{unigram:.3f} nats/token"
+    )
 
     setup = build(config, model_cfg)
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
-    log(f"model: {counts['total']:,} params ({counts['non_embedding']:,} without embeddings); "
-        f"{fpt['total'] / 1e6:.1f} MFLOPs/token ({fpt['convention']})")
+    log(
+        f"model: {counts['total']:,} params ({counts['non_embedding']:,} without embeddings); "
+        f"{fpt['total'] / 1e6:.1f} MFLOPs/token (6 x matmul params + attention, as PaLM's MFU counts)"
+    )
     log(f"mesh: {mesh_lib.describe(setup.mesh)} in {jax.process_count()} process(es)")
     log(setup.layout.text(config.mesh.max_replicated_share))
 
@@ -189,9 +222,15 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     # same rows (model parallelism across hosts) read the same data shard.
     rows = distributed.process_rows(batch_sharding, t.batch_size)
     local_batch = rows.stop - rows.start
-    batches = data.make_pipeline(config.data, tokenizer, local_batch, t.seed,
-                                 process_index=rows.start // local_batch,
-                                 process_count=t.batch_size // local_batch, sources=sources)
+    batches = data.make_pipeline(
+        config.data,
+        tokenizer,
+        local_batch,
+        t.seed,
+        process_index=rows.start // local_batch,
+        process_count=t.batch_size // local_batch,
+        sources=sources,
+    )
     log(f"data: {local_batch} of {t.batch_size} rows per process, {batches.num_workers} prefetch workers")
 
     save_policy = ckpt_policy.SavePolicy(t.checkpoint_every, t.checkpoint_minutes, t.steps, agree_every=t.log_every)
@@ -208,8 +247,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     peak = flops.peak_flops_per_device(device)
     # On CPU the figure is the whole process's; simulated devices share the same cores.
     peak_total = peak if device.platform == "cpu" else (peak or 0) * jax.device_count()
-    throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, fpt["total"], peak_total,
-                                        t.steps, start)
+    throughput = metrics_lib.Throughput(t.batch_size * config.data.seq_len, fpt["total"], peak_total, t.steps, start)
 
     preempted = False
     newest_saved = start or None
@@ -238,16 +276,21 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
                     jax.block_until_ready(step_metrics)
                     jax.profiler.stop_trace()
                     tracing = False
-                    log(f"profile: steps {start + 2}-{done} traced to {os.path.join(workdir, 'profile')} "
-                        f"(open with TensorBoard's profile plugin or ui.perfetto.dev)")
+                    log(
+                        f"profile: steps {start + 2}-{done} traced to {os.path.join(workdir, 'profile')} "
+                        f"(open with TensorBoard's profile plugin or ui.perfetto.dev)"
+                    )
                 if done % t.log_every == 0 or done == t.steps:
                     _check_finite(done, step_metrics, newest_saved)
                     last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     last.update(throughput.report(done))
                     last.update({f"epochs/{name}": e for name, e in batches.epochs().items()})
                     if done % t.eval_every == 0 or done == t.steps:
-                        last.update(validation.evaluate(eval_step, state.params, val_rows, t.batch_size,
-                                                        lambda b: put_batch(b, batch_sharding)))
+                        last.update(
+                            validation.evaluate(
+                                eval_step, state.params, val_rows, t.batch_size, lambda b: put_batch(b, batch_sharding)
+                            )
+                        )
                     writer.write(done, last)
                     log(format_step(done, t.steps, last))
                 save, preempted = save_policy.decide(done)
@@ -268,14 +311,21 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
         if on_finish is not None and not preempted:
             on_finish(setup.model, state.params)
     if "val_loss" in last:
-        log(f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
-            f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)")
+        log(
+            f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
+            f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)"
+        )
     return {**last, "unigram_entropy": unigram}
 
 
 def format_step(step: int, total: int, m: dict) -> str:
-    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}",
-             f"{m['tokens_per_sec']:,.0f} tok/s"]
+    parts = [
+        f"step {step}/{total}",
+        f"loss {m['loss']:.4f}",
+        f"lr {m['lr']:.2e}",
+        f"gnorm {m['grad_norm']:.2f}",
+        f"{m['tokens_per_sec']:,.0f} tok/s",
+    ]
     if "mfu" in m:
         parts.append(f"MFU {m['mfu']:.1%}")
     if "moe_aux_loss" in m:  # mixture of experts: load balance (1.0 = balanced) and dropped assignments

@@ -69,8 +69,11 @@ MOE_KEYS = ("aux_loss", "z_loss", "dropped", "load")
 
 def _sown(intermediates, name: str):
     """Every value sown under `name`, each [moe layers of that scan, ...], concatenated on axis 0."""
-    found = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]
-             if any(getattr(p, "key", None) == name for p in path)]
+    found = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]
+        if any(getattr(p, "key", None) == name for p in path)
+    ]
     return jnp.concatenate([jnp.asarray(x, jnp.float32).reshape(-1, *jnp.shape(x)[1:]) for x in found], axis=0)
 
 
@@ -87,7 +90,12 @@ def moe_metrics(sums, n_tokens) -> dict:
     denom = jnp.maximum(n_tokens, 1.0)
     aux, z, dropped, load = (s / denom for s in sums)
     relative = load * load.shape[-1]
-    out = {"moe_aux_loss": aux, "moe_z_loss": z, "moe_dropped": dropped,
-           "moe_load_max": jnp.max(relative), "moe_load_min": jnp.min(relative)}
+    out = {
+        "moe_aux_loss": aux,
+        "moe_z_loss": z,
+        "moe_dropped": dropped,
+        "moe_load_max": jnp.max(relative),
+        "moe_load_min": jnp.min(relative),
+    }
     out.update({f"moe_load/{i}": relative[i] for i in range(load.shape[-1])})
     return out

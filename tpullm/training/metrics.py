@@ -19,6 +19,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict):
@@ -39,8 +40,14 @@ class MetricWriter:
 class Throughput:
     """Tokens/s, MFU and ETA over the steps since the last report."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops_total: float | None,
-                 total_steps: int, start_step: int):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops_total: float | None,
+        total_steps: int,
+        start_step: int,
+    ):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_total

@@ -40,7 +40,8 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         return optax.cosine_decay_schedule(peak, decay_steps=total_steps, alpha=end / peak if peak else 0.0)
     # decay_steps is the whole schedule length, warmup included (optax convention).
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps, end_value=end)
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps, end_value=end
+    )
 
 
 def _leaf_name(path) -> str:
@@ -66,8 +67,7 @@ def decay_mask(params):
     what optax passes to a callable mask. A boxed tree also works: the result then has the
     same boxes with bools inside.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) not in NO_DECAY_NAMES, params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) not in NO_DECAY_NAMES, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpullm.training.loss import cross_entropy_sums, finalize, moe_sums, moe_metrics
+from tpullm.parallel.microbatches import split_microbatches
+from tpullm.training.loss import cross_entropy_sums, finalize, moe_metrics, moe_sums
 from tpullm.training.state import TrainState
 
 
@@ -16,8 +17,9 @@ def _num_experts(model) -> int:
 
 
 def _loss_sums(model, params, batch, z_loss):
-    logits = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                         positions=batch["positions"])  # [b, l, vocab]
+    logits = model.apply(
+        {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )  # [b, l, vocab]
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
 
 
@@ -27,17 +29,32 @@ def _train_sums(model, params, batch, z_loss, rng):
         return _loss_sums(model, params, batch, z_loss), ()
     cfg = model.config
     rngs = {"router": rng} if cfg.router_jitter else {}
-    logits, state = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                                positions=batch["positions"], rngs=rngs, mutable=["intermediates"])
+    logits, state = model.apply(
+        {"params": params},
+        batch["tokens"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        rngs=rngs,
+        mutable=["intermediates"],
+    )
     sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], z_loss)
     moe = moe_sums(state["intermediates"], sums[3])
     sum_loss = sums[0] + cfg.router_aux_loss * moe[0] + cfg.router_z_loss * moe[1]
     return (sum_loss, *sums[1:]), moe
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1):
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    schedule,
+    z_loss: float = 0.0,
+    grad_accum_steps: int = 1,
+    seed: int = 0,
+):
     """Returns train_step(state, batch) -> (state, metrics).
+
+    seed (train.seed) keys the router jitter of MoE models: step s, microbatch i draws from
+    fold_in(fold_in(key(seed), s), i), so a resumed run draws the same noise.
 
     Each microbatch contributes the gradient of its summed token loss divided by the token count
     of the *whole* batch (known before the first microbatch runs), so accumulating k microbatches
@@ -53,14 +70,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_
 
     def train_step(state: TrainState, batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        # Router jitter noise (MoE only): a fresh key each step, derived from the step so a resumed
-        # run draws the same noise.
-        rng = jax.random.fold_in(jax.random.key(0), state.step)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)  # router jitter (MoE only)
         if grad_accum_steps == 1:
             grads, (sums, moe) = grad_of_sums(state.params, batch, n_tokens, rng)
         else:
-            # Microbatch i takes rows i, i+k, i+2k, ...: each stays spread over all batch shards.
-            micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+            micro = jax.tree.map(lambda x: split_microbatches(x, grad_accum_steps), batch)
 
             def accumulate(carry, xs):
                 microbatch, i = xs
@@ -69,14 +83,21 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule, z_
 
             first = jax.tree.map(lambda x: x[0], micro)
             sums_shape = jax.eval_shape(lambda: grad_of_sums(state.params, first, n_tokens, rng)[1])
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+            )
             (grads, (sums, moe)), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
         loss, aux = finalize(*sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **aux, **moe_metrics(moe, sums[3]), "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
+        metrics = {
+            "loss": loss,
+            **aux,
+            **moe_metrics(moe, sums[3]),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

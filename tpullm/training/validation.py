@@ -15,7 +15,7 @@ def padded_batches(rows: dict, batch_size: int):
     """Yields dicts of [batch_size, length] arrays covering all `rows` ([n, length] arrays), in order."""
     n = len(next(iter(rows.values())))
     for start in range(0, n, batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+        batch = {k: v[start : start + batch_size] for k, v in rows.items()}
         missing = batch_size - len(batch["tokens"])
         if missing:
             batch = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
@@ -28,10 +28,13 @@ def check_rows(n_rows: int, batch_size: int, val_fraction: float, warn) -> None:
     if n_rows == 0:
         raise ConfigError(
             f"no validation rows: data.val_fraction={val_fraction} of the corpus' documents holds no complete row; "
-            f"raise data.val_fraction, lower data.seq_len, or add data")
+            f"raise data.val_fraction, lower data.seq_len, or add data"
+        )
     if n_rows < batch_size:
-        warn(f"only {n_rows} validation rows, fewer than one batch of train.batch_size={batch_size}; the "
-             f"validation loss is measured on them alone (raise data.val_fraction for a steadier one)")
+        warn(
+            f"only {n_rows} validation rows, fewer than one batch of train.batch_size={batch_size}; the "
+            f"validation loss is measured on them alone (raise data.val_fraction for a steadier one)"
+        )
 
 
 def evaluate(eval_step, params, rows: dict, batch_size: int, put) -> dict:
