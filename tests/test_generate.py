@@ -199,6 +199,14 @@ def test_ids_beyond_the_vocabulary_are_never_sampled():
     assert not np.isfinite(np.asarray(filter_logits(logits, vocab_size=12))[:, 12:]).any()
 
 
+def test_a_padded_vocabulary_never_generates_padding_ids():
+    model, params = tiny("llama", vocab_size=90, vocab_pad_multiple=64)  # logits over 128 ids
+    completions = Generator(model, params, max_length=40).generate(
+        prompts_of((4, 4), seed=11), 32, SamplingParams(temperature=5.0, seed=1)
+    )
+    assert max(max(c.tokens) for c in completions) < 90
+
+
 def test_bad_requests_are_refused():
     model, params = tiny("gpt2", max_length=16)
     with pytest.raises(UserError, match="learned position table"):
