@@ -220,7 +220,10 @@ def test_bad_requests_are_refused():
         SamplingParams(min_p=1.5)
 
 
-def test_ring_attention_model_is_refused_in_decode():
+def test_ring_attention_model_and_unknown_phases_are_refused():
+    model, params = tiny("llama")
+    with pytest.raises(ValueError, match="cache='decoding' is not one of"):
+        model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache="decoding", mutable=["cache"])
     model, params = tiny("llama", sequence_attention="ring")
     with pytest.raises(ValueError, match="sequence_attention='all_gather'"):
         model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32), cache="prefill", cache_slots=8, mutable=["cache"])

@@ -30,8 +30,10 @@ def slots(cfg: ModelConfig, max_length: int) -> int:
     return min(cfg.sliding_window, max_length) if cfg.sliding_window else max_length
 
 
-def check_decodable(cfg: ModelConfig) -> None:
-    """The cache runs on the plain layer scan: no pipeline schedule, no ring attention."""
+def check_decodable(cfg: ModelConfig, phase: str = "prefill") -> None:
+    """A known cache phase, and a model on the plain layer scan: no pipeline schedule, no ring attention."""
+    if phase not in PHASES[1:]:
+        raise ValueError(f"cache={phase!r} is not one of {PHASES[1:]}")
     if cfg.pipeline_microbatches:
         raise ValueError(
             "KV-cache decoding needs model.pipeline_microbatches=0 (tpullm.inference.generate "

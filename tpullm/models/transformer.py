@@ -102,7 +102,7 @@ class Decoder(nn.Module):
         """
         cfg = self.config
         if cache:
-            kv_cache.check_decodable(cfg)
+            kv_cache.check_decodable(cfg, cache)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
