@@ -80,6 +80,25 @@ def test_train_cli_writes_outputs_resumes_and_samples(tmp_path):
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.startswith("import ") and len(sample.stdout.rstrip("\n")) > len("import ")
 
+    # A prompts file decodes as one batch, each continuation after its prompt.
+    prompts_file = os.path.join(workdir, "prompts.jsonl")
+    with open(prompts_file, "w") as f:
+        f.write('{"prompt": "class "}\n{"prompt": "for i in "}\n')
+    batch = run(
+        [
+            "tpullm.sample",
+            f"--workdir={workdir}",
+            f"--prompts_file={prompts_file}",
+            "--num_samples=2",
+            "--max_new_tokens=8",
+            "--temperature=0.8",
+        ]
+    )
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    texts = batch.stdout.rstrip("\n").split("\n" + "=" * 40 + "\n")
+    prompts = ["class "] * 2 + ["for i in "] * 2
+    assert len(texts) == 4 and all(text.startswith(prompt) for text, prompt in zip(texts, prompts))
+
 
 def test_wrong_override_names_the_key(tmp_path):
     bad = run(

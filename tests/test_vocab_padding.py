@@ -16,7 +16,8 @@ from multidevice import rel, results_on_devices
 from tpullm import config as config_lib
 from tpullm import models
 from tpullm.config import ConfigError, ModelConfig
-from tpullm.inference.sampling import generate, sample
+from tpullm.inference.generate import Generator
+from tpullm.inference.sampling import SamplingParams, sample
 from tpullm.interop import pad_vocab, unpad_vocab
 from tpullm.training.flops import param_counts
 from tpullm.training.loss import cross_entropy
@@ -109,8 +110,9 @@ def test_padding_ids_are_never_chosen(models_and_params):
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (5.0, 0, 1.0), (2.0, 50300, 1.0), (2.0, 0, 0.999)):
         ids = jax.vmap(lambda k: sample(k, logits, temperature, top_k, top_p))(jax.random.split(jax.random.key(0), 64))
         assert int(ids.max()) < GPT2_VOCAB
-    new = generate(models.build(padded_cfg), lure, [5, 6, 7], 8, jax.random.key(1), context=16, temperature=3.0)
-    assert len(new) == 8 and max(new) < GPT2_VOCAB
+    generator = Generator(models.build(padded_cfg), lure, max_length=16)
+    [completion] = generator.generate([[5, 6, 7]], 8, SamplingParams(temperature=3.0, seed=1))
+    assert len(completion.tokens) == 8 and max(completion.tokens) < GPT2_VOCAB
 
 
 def test_param_counts_name_the_padding(models_and_params):

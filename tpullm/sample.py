@@ -1,55 +1,81 @@
 """Generate text from the newest checkpoint of a training run.
 
-python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
+    python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
+    python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompts_file=prompts.jsonl --num_samples=4
+
+All prompts (and their samples) are decoded together as one batch with the KV cache
+(tpullm/inference/generate.py); each continuation is printed after its prompt.
 """
 
+import json
 import sys
 
-import jax
 from absl import app, flags
 
 from tpullm import cli, data
 from tpullm.checkpoint import load_model
-from tpullm.errors import warn
-from tpullm.inference.sampling import check_sampling, generate
+from tpullm.errors import UserError
+from tpullm.inference.sampling import SamplingParams, check_sampling
+from tpullm.inference.text import complete_texts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
 _PROMPT = flags.DEFINE_string("prompt", "def ", "Text to continue.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file",
+    None,
+    "JSONL file with a 'prompt' field per line; replaces --prompt, all prompts decoded as one batch.",
+)
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Continuations per prompt.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "How many tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose mass reaches p.")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens at least min_p times as likely as the most likely (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flag_as_required("workdir")
+
+SEPARATOR = "\n" + "=" * 40 + "\n"
+
+
+def read_prompts(path: str) -> list[str]:
+    """The 'prompt' field of every non-blank line of a JSONL file."""
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{number}: each line must be a JSON object with a 'prompt' field") from None
+    if not prompts:
+        raise UserError(f"{path} has no prompts")
+    return prompts
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MAX_NEW.value)  # before loading a checkpoint
+    # Checked before loading a checkpoint.
+    check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MAX_NEW.value, _MIN_P.value)
+    if _NUM_SAMPLES.value < 1:
+        raise UserError(f"num_samples={_NUM_SAMPLES.value} must be >= 1")
+    prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [_PROMPT.value]
     # Which step was loaded goes to stderr: stdout holds the text alone.
     model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
-    tokenizer = data.load_tokenizer(config.data.tokenizer)
-    prompt = tokenizer.encode(_PROMPT.value)
-    if len(prompt) > config.data.seq_len:
-        warn(
-            f"the prompt is {len(prompt)} tokens; the model sees only the last {config.data.seq_len} "
-            f"(data.seq_len, its training length)"
-        )
-    new = generate(
+    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _SEED.value)
+    texts = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+    continuations = complete_texts(
         model,
         params,
-        prompt,
+        data.load_tokenizer(config.data.tokenizer),
+        texts,
         _MAX_NEW.value,
-        jax.random.key(_SEED.value),
-        context=config.data.seq_len,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        top_p=_TOP_P.value,
-        eos_id=tokenizer.eos_id,
+        sampling,
+        train_length=config.data.seq_len,
     )
-    print(_PROMPT.value + tokenizer.decode(new))
+    print(SEPARATOR.join(prompt + text for prompt, text in zip(texts, continuations)))
 
 
 if __name__ == "__main__":

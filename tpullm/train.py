@@ -10,12 +10,12 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables (`launch/
 them); on Cloud TPU VMs nothing is needed (`launch/tpu_pod.py`).
 """
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from tpullm import cli, data
-from tpullm.inference.sampling import generate
+from tpullm.inference.sampling import SamplingParams
+from tpullm.inference.text import complete_texts
 from tpullm.parallel import distributed
 from tpullm.training.loop import log, train
 
@@ -42,20 +42,17 @@ def print_sample(config, model, params) -> None:
     t = config.train
     if t.sample_tokens <= 0:
         return
-    tokenizer = data.load_tokenizer(config.data.tokenizer)
-    new = generate(
+    sampling = SamplingParams(t.sample_temperature, t.sample_top_k, t.sample_top_p, seed=t.seed)
+    [text] = complete_texts(
         model,
         params,
-        tokenizer.encode(t.sample_prompt),
+        data.load_tokenizer(config.data.tokenizer),
+        [t.sample_prompt],
         t.sample_tokens,
-        jax.random.key(t.seed),
-        context=config.data.seq_len,
-        temperature=t.sample_temperature,
-        top_k=t.sample_top_k,
-        top_p=t.sample_top_p,
-        eos_id=tokenizer.eos_id,
+        sampling,
+        train_length=config.data.seq_len,
     )
-    log("sample:\n" + t.sample_prompt + tokenizer.decode(new))
+    log("sample:\n" + t.sample_prompt + text)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Causal self-attention: multi-head, grouped-query and multi-query, with sliding windows
-and packed documents; under sequence parallelism, all-gathered keys/values or a ring.
+and packed documents; under sequence parallelism, all-gathered keys/values or a ring; for
+generation, with a key/value cache (tpullm/models/kv_cache.py).
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import pipeline, ring_attention
+from tpullm.models import kv_cache, pipeline, ring_attention
 from tpullm.models.dot_product import attention_mask, dot_product_attention
 from tpullm.models.mlp import residual_std
 from tpullm.models.rope import apply_rope
@@ -14,6 +15,8 @@ from tpullm.models.rope import apply_rope
 
 class Attention(nn.Module):
     config: ModelConfig
+    cache: str = ""  # kv_cache.PHASES: "" (no cache), "prefill" (write whole prompts) or "decode" (one token)
+    cache_slots: int = 0  # prefill: the cache's length (kv_cache.slots)
 
     def projection(self, shape, axes, equation: str, name: str, std: float, bias: bool, bias_axes=None):
         """A learned einsum whose kernel [shape] carries the logical axis names `axes`; its bias
@@ -55,7 +58,11 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("activation_batch", kv_length, "activation_kv_heads", None))
 
         index = ring_attention.token_index(cfg, x.shape[1])  # [l] each position's place in the row
-        if cfg.sequence_attention == "ring":
+        if self.cache == "prefill":
+            out = kv_cache.prefill(self, cfg, q, k, v, segment_ids, self.cache_slots)
+        elif self.cache == "decode":
+            out = kv_cache.decode(self, cfg, q, k, v, positions)
+        elif cfg.sequence_attention == "ring":
             out = ring_attention.ring_attention(
                 q,
                 k,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import pipeline, ring_attention
+from tpullm.models import kv_cache, pipeline, ring_attention
 from tpullm.models.attention import Attention
 from tpullm.models.mlp import Mlp
 from tpullm.models.moe import MoeMlp
@@ -30,11 +30,14 @@ class DecoderBlock(nn.Module):
 
     config: ModelConfig
     moe: bool = False
+    cache: str = ""  # the KV cache phase (tpullm/models/kv_cache.py)
+    cache_slots: int = 0
 
     @nn.compact
     def __call__(self, x, segment_ids, positions):  # x: [batch, length, embed]
         cfg = self.config
-        x = x + Attention(cfg, name="attention")(make_norm(cfg, "attn_norm")(x), segment_ids, positions)
+        attention = Attention(cfg, self.cache, self.cache_slots, name="attention")
+        x = x + attention(make_norm(cfg, "attn_norm")(x), segment_ids, positions)
         h = make_norm(cfg, "mlp_norm")(x)
         x = x + (MoeMlp(cfg, name="moe")(h, segment_ids) if self.moe else Mlp(cfg, name="mlp")(h))
         return nn.with_logical_constraint(x, ACTIVATION), None
@@ -45,12 +48,15 @@ class BlockGroup(nn.Module):
     so the scan stays uniform when only every other layer has experts."""
 
     config: ModelConfig
+    cache: str = ""
+    cache_slots: int = 0
 
     @nn.compact
     def __call__(self, x, segment_ids, positions):
         n = self.config.moe_every
         for i in range(n):
-            x, _ = DecoderBlock(self.config, moe=i == n - 1, name=f"layer_{i}")(x, segment_ids, positions)
+            block = DecoderBlock(self.config, i == n - 1, self.cache, self.cache_slots, name=f"layer_{i}")
+            x, _ = block(x, segment_ids, positions)
         return x, None
 
 
@@ -72,7 +78,7 @@ def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True)
     # "router": the router-jitter rng, present only when the caller passes one (training).
     stack = nn.scan(
         block,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "cache": 0},
         split_rngs={"params": True, "router": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length or full,
@@ -85,13 +91,18 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, cache: str = "", cache_slots: int = 0):
         """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, padded vocab]
         (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
 
         segment_ids default to one document per row; positions default to 0..length-1.
+        cache: "prefill" runs whole prompts (right-aligned) and writes a KV cache of `cache_slots` slots,
+        returning the last position's logits [batch, 1, padded vocab]; "decode" runs one token per row
+        against the cache (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
         """
         cfg = self.config
+        if cache:
+            kv_cache.check_decodable(cfg, cache)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
@@ -117,9 +128,12 @@ class Decoder(nn.Module):
             x = self.pipelined_layers(x, segment_ids, positions)
         else:
             stack, kwargs, _ = layer_stack(cfg)
-            x, _ = stack(cfg, **kwargs, name="layers")(x, segment_ids, positions)
+            layers = stack(cfg, **kwargs, cache=cache, cache_slots=cache_slots, name="layers")
+            x, _ = layers(x, segment_ids, positions)
 
         x = ring_attention.unzigzag(x, cfg)
+        if cache == "prefill":  # only the next token's logits: [vocab] per row, not per prompt token
+            x = x[:, -1:]
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)

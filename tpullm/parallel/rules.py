@@ -46,6 +46,10 @@ LOGICAL_AXIS_RULES = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
     ("activation_stage", "stage"),  # the pipeline's state buffer [stage, microbatch, length, embed]
+    # the generation KV cache [layers, batch, slots, kv_heads, head_dim] (tpullm/models/kv_cache.py)
+    ("cache_batch", BATCH_AXES),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
     # parameters
     ("layers", "stage"),
     ("vocab", "tensor"),

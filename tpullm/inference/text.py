@@ -1,0 +1,40 @@
+"""Text in, text out: continue a batch of prompts with a tokenizer (any object with encode, decode and
+eos_id, e.g. tpullm.data.load_tokenizer's), for the sample command and the end-of-training sample."""
+
+from tpullm.errors import UserError, warn
+from tpullm.inference.generate import Generator
+from tpullm.inference.sampling import SamplingParams, check_sampling
+
+
+def complete_texts(
+    model, params, tokenizer, texts: list[str], max_new_tokens: int, sampling: SamplingParams, train_length: int
+) -> list[str]:
+    """Each text's continuation (decoded new tokens), all texts decoded as one batch.
+
+    A model with learned positions cannot see past its position table (model.max_length): such prompts
+    keep their last tokens. RoPE models continue past their training length (`train_length`), with a warning.
+    """
+    check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, max_new_tokens, sampling.min_p)
+    prompts = [tokenizer.encode(text) for text in texts]
+    if not all(prompts):
+        raise UserError("a prompt is empty: give at least one token to condition on")
+    cfg = model.config
+    if cfg.positions == "learned":
+        if max_new_tokens >= cfg.max_length:
+            raise UserError(
+                f"max_new_tokens={max_new_tokens} must be below the model's learned position table "
+                f"(model.max_length={cfg.max_length})"
+            )
+        keep = cfg.max_length - max_new_tokens
+        if any(len(p) > keep for p in prompts):
+            warn(
+                f"prompts longer than {keep} tokens keep their last {keep}: the model has {cfg.max_length} "
+                f"learned positions and max_new_tokens={max_new_tokens}"
+            )
+            prompts = [p[-keep:] for p in prompts]
+    max_length = max(len(p) for p in prompts) + max_new_tokens
+    if max_length > train_length:
+        warn(f"prompt and generated tokens reach {max_length} tokens, beyond the training length {train_length}")
+    generator = Generator(model, params, max_length=max_length)
+    completions = generator.generate(prompts, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
+    return [tokenizer.decode(c.tokens) for c in completions]

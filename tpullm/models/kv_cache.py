@@ -1,0 +1,97 @@
+"""The key/value cache of one attention layer, for generation: prefill and one-token decode steps.
+
+The cache lives in the linen collection "cache" (scanned with the layers, so every leaf gains a
+leading `layers` axis): `cached_key` and `cached_value` [batch, slots, kv_heads, head_dim] and `index`, the row
+index of the next token (the same for every row: prompts are left-padded, so all rows end on the
+same index and each step writes one slot for the whole batch). Token index i lives in slot
+i % slots. Without a sliding window the cache has a slot for every token (slots = the longest
+sequence), so nothing wraps; with Mistral's window W it has min(W, longest) slots used as a ring,
+and memory does not grow with the generated length.
+
+Which slots a row's query sees follows from the query's `position` (its place in its own prompt,
+0 at the row's first real token): the key in slot s is age(s) = (index - s) mod slots tokens older
+than the query, and is visible when age(s) <= position (and age(s) < W). That excludes the row's
+left padding and slots not written yet (their age comes out larger than any position).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tpullm.config import ModelConfig
+from tpullm.models.dot_product import attention_mask, dot_product_attention
+
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+PHASES = ("", "prefill", "decode")  # "": no cache (training, scoring)
+
+
+def slots(cfg: ModelConfig, max_length: int) -> int:
+    """Slots per layer for sequences of at most max_length tokens (prompt and generated)."""
+    return min(cfg.sliding_window, max_length) if cfg.sliding_window else max_length
+
+
+def check_decodable(cfg: ModelConfig, phase: str = "prefill") -> None:
+    """A known cache phase, and a model on the plain layer scan: no pipeline schedule, no ring attention."""
+    if phase not in PHASES[1:]:
+        raise ValueError(f"cache={phase!r} is not one of {PHASES[1:]}")
+    if cfg.pipeline_microbatches:
+        raise ValueError(
+            "KV-cache decoding needs model.pipeline_microbatches=0 (tpullm.inference.generate "
+            "converts a pipelined model's params to the plain layer stack)"
+        )
+    if cfg.sequence_attention == "ring":
+        raise ValueError("KV-cache decoding needs model.sequence_attention='all_gather', not 'ring'")
+
+
+def _in_slots(x, n: int):
+    """x: [b, l, ...] token indices 0..l-1 -> [b, n, ...] with token i in slot i % n (the last n kept)."""
+    length = x.shape[1]
+    if length <= n:
+        return jnp.pad(x, [(0, 0), (0, n - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.roll(x[:, length - n :], (length - n) % n, axis=1)
+
+
+def _variables(module: nn.Module, shape, dtype):
+    init = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
+    key = module.variable("cache", "cached_key", init, shape, dtype)
+    value = module.variable("cache", "cached_value", init, shape, dtype)
+    index = module.variable("cache", "index", jnp.zeros, (), jnp.int32)
+    return key, value, index
+
+
+def prefill(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, num_slots: int):
+    """Attention within whole prompts, writing their keys/values into a fresh cache.
+
+    q: [b, l, heads, hd]; k, v: [b, l, kv_heads, hd]; segment_ids: [b, l] (0 on left padding).
+    Returns [b, l, heads, hd].
+    """
+    b, length, kv_heads, hd = k.shape
+    key, value, index = _variables(module, (b, num_slots, kv_heads, hd), k.dtype)
+    key.value = nn.with_logical_constraint(_in_slots(k, num_slots), CACHE_AXES)
+    value.value = nn.with_logical_constraint(_in_slots(v, num_slots), CACHE_AXES)
+    index.value = jnp.int32(length)
+    token = jnp.arange(length)
+    mask = attention_mask(token, token, segment_ids, segment_ids, cfg.sliding_window)
+    return dot_product_attention(q, k, v, mask)
+
+
+def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions):
+    """One new token per row against the cache, which it then joins.
+
+    q: [b, 1, heads, hd]; k, v: [b, 1, kv_heads, hd]; positions: [b, 1] each row's query position.
+    Returns [b, 1, heads, hd].
+    """
+    if not module.has_variable("cache", "cached_key"):
+        raise ValueError("decode needs a cache: run the prompt with cache='prefill' first")
+    key, value, index = _variables(module, None, None)
+    n, now = key.value.shape[1], index.value
+    keys = jax.lax.dynamic_update_slice_in_dim(key.value, k.astype(key.value.dtype), now % n, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(value.value, v.astype(value.value.dtype), now % n, axis=1)
+    keys = nn.with_logical_constraint(keys, CACHE_AXES)
+    values = nn.with_logical_constraint(values, CACHE_AXES)
+    key.value, value.value, index.value = keys, values, now + 1
+    age = (now - jnp.arange(n)) % n  # [slots] how many tokens before the query each slot's key is
+    mask = age[None, None, :] <= positions[:, :, None]  # [b, 1, slots]
+    if cfg.sliding_window:  # a cache longer than the window (slots() gives exactly the window)
+        mask &= age[None, None, :] < cfg.sliding_window
+    return dot_product_attention(q, keys, values, mask)
