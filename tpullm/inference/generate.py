@@ -86,6 +86,26 @@ class Generator:
                 self.params = jax.device_put(self.params, rules.state_shardings(abstract, mesh))
         self._compiled = {}
 
+    def left_pad(self, prompts: list[list[int]], max_new_tokens: int):
+        """The prompts right-aligned in one batch: tokens [rows, length] and each row's first real index
+        [rows], rows and length padded up to buckets (padding rows hold one token)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token to condition on")
+        longest = max(len(p) for p in prompts)
+        room = self.max_length - max_new_tokens
+        if longest > room:
+            raise UserError(
+                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={self.max_length}"
+            )
+        length = min(bucket(longest, MIN_PROMPT_BUCKET), room)
+        rows = -(-bucket(len(prompts)) // self.batch_shards) * self.batch_shards  # whole rows per batch shard
+        tokens = np.zeros((rows, length), np.int32)
+        starts = np.full((rows,), length - 1, np.int32)
+        for i, prompt in enumerate(prompts):
+            tokens[i, length - len(prompt) :] = prompt
+            starts[i] = length - len(prompt)
+        return tokens, starts
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -98,29 +118,13 @@ class Generator:
         (sampling: default SamplingParams(), temperature 1)."""
         sampling = sampling or SamplingParams()
         check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, max_new_tokens, sampling.min_p)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("every prompt needs at least one token to condition on")
-        longest = max(len(p) for p in prompts)
-        room = self.max_length - max_new_tokens
-        if longest > room:
-            raise UserError(
-                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={self.max_length}"
-            )
+        tokens, starts = self.left_pad(prompts, max_new_tokens)
         if max_new_tokens == 0:
             return [Completion([], [], FINISH_REASONS[LENGTH]) for _ in prompts]
-        length = min(bucket(longest, MIN_PROMPT_BUCKET), room)
-        rows = -(-bucket(len(prompts)) // self.batch_shards) * self.batch_shards  # whole rows per batch shard
-        tokens = np.zeros((rows, length), np.int32)
-        starts = np.full((rows,), length - 1, np.int32)  # padding rows: one token, finished from the start
-        for i, prompt in enumerate(prompts):
-            tokens[i, length - len(prompt) :] = prompt
-            starts[i] = length - len(prompt)
         stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         # One jit per set of filters (the seed is an input); it compiles once per (rows, length) bucket.
         filters = dataclasses.replace(sampling, seed=0)
-        run = self._compiled.get(filters)
-        if run is None:
-            run = self._compiled[filters] = self._compile(filters)
+        run = self.compiled(filters, lambda: self._compile(filters))
         out, logprobs, reasons, lengths = jax.device_get(
             run(
                 self.params,
@@ -148,23 +152,12 @@ class Generator:
         def run(params, tokens, starts, num_prompts, max_new, eos_id, stops, key):
             rows, length = tokens.shape
             steps = self.max_length - length  # the most tokens a row can generate
-            index = jnp.arange(length)
-            real = index[None, :] >= starts[:, None]  # [rows, length]
-            positions = jnp.where(real, index[None, :] - starts[:, None], 0)
-            logits, variables = model.apply(
-                {"params": params},
-                tokens,
-                segment_ids=real.astype(jnp.int32),
-                positions=positions,
-                cache="prefill",
-                cache_slots=kv_cache.slots(model.config, self.max_length),
-                mutable=["cache"],
-            )
+            logits, cache = prefill(model, params, tokens, starts, self.max_length)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
             state = dict(
                 step=jnp.int32(0),
-                cache=variables["cache"],
-                logits=logits[:, -1].astype(jnp.float32),
+                cache=cache,
+                logits=logits,
                 out=jnp.zeros((rows, steps), jnp.int32),
                 logprobs=jnp.zeros((rows, steps), jnp.float32),
                 reason=jnp.where(jnp.arange(rows) < num_prompts, RUNNING, LENGTH),
@@ -204,6 +197,16 @@ class Generator:
             final = jax.lax.while_loop(running, step, state)
             return final["out"], final["logprobs"], final["reason"], final["length"]
 
+        return self.jit(run)
+
+    def compiled(self, key, build):
+        """The function cached under `key`, made by `build()` (which jits it with `self.jit`) on first use."""
+        if key not in self._compiled:
+            self._compiled[key] = build()
+        return self._compiled[key]
+
+    def jit(self, run):
+        """`run(params, tokens, starts, ...)` jitted; on a mesh the batch rows go over the data axes."""
         if self.mesh is None:
             return jax.jit(run)
         compiled = jax.jit(run)
@@ -217,3 +220,23 @@ class Generator:
                 return compiled(params, tokens, starts, *rest)
 
         return on_mesh
+
+
+def prefill(model: Decoder, params, tokens, starts, max_length: int):
+    """Runs left-padded prompts (tokens [rows, length], starts [rows]) into a fresh cache for sequences of
+    at most max_length tokens. Returns the logits after each prompt's last token [rows, vocab] (float32)
+    and the cache."""
+    length = tokens.shape[1]
+    index = jnp.arange(length)
+    real = index[None, :] >= starts[:, None]  # [rows, length]
+    positions = jnp.where(real, index[None, :] - starts[:, None], 0)
+    logits, variables = model.apply(
+        {"params": params},
+        tokens,
+        segment_ids=real.astype(jnp.int32),
+        positions=positions,
+        cache="prefill",
+        cache_slots=kv_cache.slots(model.config, max_length),
+        mutable=["cache"],
+    )
+    return logits[:, -1].astype(jnp.float32), variables["cache"]

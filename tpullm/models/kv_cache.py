@@ -95,3 +95,14 @@ def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions):
     if cfg.sliding_window:  # a cache longer than the window (slots() gives exactly the window)
         mask &= age[None, None, :] < cfg.sliding_window
     return dot_product_attention(q, keys, values, mask)
+
+
+def select_rows(cache, rows):
+    """The cache (a "cache" collection, layers scanned) whose row i is the old row rows[i] (rows: [new_batch]
+    indices into the old batch), e.g. each beam's parent after a beam-search step."""
+
+    def take(path, x):
+        batched = any(getattr(k, "key", None) in ("cached_key", "cached_value") for k in path)
+        return jnp.take(x, rows, axis=1) if batched else x  # [layers, batch, ...]; `index` has no batch axis
+
+    return jax.tree_util.tree_map_with_path(take, cache)
