@@ -100,6 +100,11 @@ def test_sample_rejects_top_p_zero_before_loading_anything(tmp_path):
     assert_one_line_error(proc, "top_p=0.0", "(0, 1]")
 
 
+def test_sample_rejects_beams_with_several_samples_before_loading_anything(tmp_path):
+    proc = run("-m", "tpullm.sample", f"--workdir={tmp_path}", "--beams=3", "--num_samples=2")
+    assert_one_line_error(proc, "beams=3", "num_samples=1")
+
+
 def program(body: str) -> str:
     """A script whose `main` runs under cli.run."""
     return "from tpullm import cli\n" + textwrap.dedent(body) + "\ncli.run(main)\n"

@@ -79,6 +79,9 @@ def test_train_cli_writes_outputs_resumes_and_samples(tmp_path):
     )
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.startswith("import ") and len(sample.stdout.rstrip("\n")) > len("import ")
+    beams = run(["tpullm.sample", f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=16", "--beams=3"])
+    assert beams.returncode == 0, beams.stderr[-3000:]
+    assert beams.stdout.startswith("import ") and len(beams.stdout.rstrip("\n")) > len("import ")
 
     # A prompts file decodes as one batch, each continuation after its prompt.
     prompts_file = os.path.join(workdir, "prompts.jsonl")

@@ -2,9 +2,11 @@
 
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompts_file=prompts.jsonl --num_samples=4
+    python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --beams=4 --length_penalty=1.0
 
 All prompts (and their samples) are decoded together as one batch with the KV cache
-(tpullm/inference/generate.py); each continuation is printed after its prompt.
+(tpullm/inference/generate.py; with --beams=N, N > 1, beam search instead of sampling,
+tpullm/inference/beam.py); each continuation is printed after its prompt.
 """
 
 import json
@@ -33,6 +35,10 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose mass reaches p.")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens at least min_p times as likely as the most likely (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BEAMS = flags.DEFINE_integer("beams", 1, "Beam search with this many beams when > 1 (the sampling flags unused).")
+_LENGTH_PENALTY = flags.DEFINE_float(
+    "length_penalty", 1.0, "Beam search: a hypothesis scores sum_logprobs / length ** length_penalty."
+)
 flags.mark_flag_as_required("workdir")
 
 SEPARATOR = "\n" + "=" * 40 + "\n"
@@ -61,6 +67,10 @@ def main(argv):
     check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MAX_NEW.value, _MIN_P.value)
     if _NUM_SAMPLES.value < 1:
         raise UserError(f"num_samples={_NUM_SAMPLES.value} must be >= 1")
+    if _BEAMS.value < 1:
+        raise UserError(f"beams={_BEAMS.value} must be >= 1")
+    if _BEAMS.value > 1 and _NUM_SAMPLES.value > 1:
+        raise UserError(f"beam search (beams={_BEAMS.value}) gives one continuation per prompt: use num_samples=1")
     prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [_PROMPT.value]
     # Which step was loaded goes to stderr: stdout holds the text alone.
     model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
@@ -74,6 +84,8 @@ def main(argv):
         _MAX_NEW.value,
         sampling,
         train_length=config.data.seq_len,
+        num_beams=_BEAMS.value,
+        length_penalty=_LENGTH_PENALTY.value,
     )
     print(SEPARATOR.join(prompt + text for prompt, text in zip(texts, continuations)))
 

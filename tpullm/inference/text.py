@@ -2,14 +2,24 @@
 eos_id, e.g. tpullm.data.load_tokenizer's), for the sample command and the end-of-training sample."""
 
 from tpullm.errors import UserError, warn
+from tpullm.inference.beam import beam_search
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, check_sampling
 
 
 def complete_texts(
-    model, params, tokenizer, texts: list[str], max_new_tokens: int, sampling: SamplingParams, train_length: int
+    model,
+    params,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    train_length: int,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> list[str]:
-    """Each text's continuation (decoded new tokens), all texts decoded as one batch.
+    """Each text's continuation (decoded new tokens), all texts decoded as one batch: sampled, or with
+    num_beams > 1 the best beam of a beam search (tpullm/inference/beam.py; `sampling` unused).
 
     A model with learned positions cannot see past its position table (model.max_length): such prompts
     keep their last tokens. RoPE models continue past their training length (`train_length`), with a warning.
@@ -36,5 +46,8 @@ def complete_texts(
     if max_length > train_length:
         warn(f"prompt and generated tokens reach {max_length} tokens, beyond the training length {train_length}")
     generator = Generator(model, params, max_length=max_length)
+    if num_beams > 1:
+        beams = beam_search(generator, prompts, max_new_tokens, num_beams, length_penalty, eos_id=tokenizer.eos_id)
+        return [tokenizer.decode(best.tokens) for best, *_ in beams]
     completions = generator.generate(prompts, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
     return [tokenizer.decode(c.tokens) for c in completions]
