@@ -14,6 +14,7 @@ from tpullm.errors import UserError
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, filter_logits
 from tpullm.inference.speculative import SpeculativeGenerator
+from tpullm.inference.text import complete_texts
 
 GREEDY = SamplingParams(temperature=0.0)
 TARGETS = {
@@ -146,3 +147,35 @@ def test_draft_vocabulary_must_match():
     draft = models.build(dict(vocab_size=64, embed_dim=16, num_layers=1, num_heads=2, mlp_dim=32))
     with pytest.raises(UserError, match="vocab_size"):
         SpeculativeGenerator(model, params, draft, models.init_params(draft, jax.random.key(1)), 40)
+
+
+class DigitTokenizer:
+    """Text of digits 0-9 as ids 0-9 (eos 10): enough of a tokenizer for complete_texts."""
+
+    eos_id = 10
+
+    def encode(self, text):
+        return [int(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(str(i) for i in ids)
+
+
+def test_complete_texts_with_a_draft_equals_without_when_greedy():
+    model, params = target_of("llama", vocab=12)
+    texts = ["31415", "2718281"]
+    plain = complete_texts(model, params, DigitTokenizer(), texts, 12, GREEDY, train_length=64)
+    logged = []
+    drafted = complete_texts(
+        model,
+        params,
+        DigitTokenizer(),
+        texts,
+        12,
+        GREEDY,
+        train_length=64,
+        draft=first_layer_draft(model, params),
+        draft_tokens=3,
+        log=logged.append,
+    )
+    assert drafted == plain and len(logged) == 2 and all("accepted" in line for line in logged)
