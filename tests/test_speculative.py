@@ -15,11 +15,13 @@ from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, filter_logits
 from tpullm.inference.speculative import SpeculativeGenerator
 from tpullm.inference.text import complete_texts
+from tpullm.models import kv_cache
 
 GREEDY = SamplingParams(temperature=0.0)
 TARGETS = {
     "llama": dict(num_kv_heads=2),
     "mistral": dict(num_kv_heads=1, sliding_window=5),  # a window shorter than prompt + generated tokens
+    "mixtral": dict(num_kv_heads=2, num_experts=4, experts_per_token=2),
     "gpt2": dict(positions="learned", norm="layernorm", norm_bias=True, mlp="gelu", qkv_bias=True, tie_embeddings=True),
 }
 
@@ -45,6 +47,41 @@ def random_small_draft(model):
 
 def prompt_of(n, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_several_tokens_decoded_at_once_and_rewound_equal_the_full_forward_pass(family):
+    model, params = target_of(family, vocab=96)
+    tokens = np.array([prompt_of(16, 96, seed=3)])
+    other = tokens.copy()
+    other[0, 9:] = prompt_of(7, 96, seed=4)  # a different continuation after the first 9 tokens
+    full, full_other = (np.asarray(model.apply({"params": params}, t)) for t in (tokens, other))
+    k = 4
+    _, variables = model.apply(
+        {"params": params},
+        tokens[:, :7],
+        cache="prefill",
+        cache_slots=kv_cache.slots(model.config, 16) + k,
+        mutable=["cache"],
+    )
+    logits, variables = model.apply(
+        {"params": params, **variables},
+        tokens[:, 7:12],
+        positions=np.arange(7, 12)[None],
+        cache="decode",
+        mutable=["cache"],
+    )  # 5 = k + 1 tokens, like a verification
+    np.testing.assert_allclose(logits, full[:, 7:12], atol=1e-4)
+    # Keep tokens 7 and 8, drop 9-11, and continue differently: the dropped keys must not be seen.
+    cache = kv_cache.rewind(variables["cache"], 9)
+    logits, _ = model.apply(
+        {"params": params, "cache": cache},
+        other[:, 9:14],
+        positions=np.arange(9, 14)[None],
+        cache="decode",
+        mutable=["cache"],
+    )
+    np.testing.assert_allclose(logits, full_other[:, 9:14], atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(TARGETS))

@@ -27,7 +27,6 @@ from tpullm.errors import UserError
 from tpullm.inference.generate import FINISH_REASONS, LENGTH, MIN_PROMPT_BUCKET, Completion, Generator, bucket
 from tpullm.inference.sampling import SamplingParams, check_sampling, filter_logits
 from tpullm.models import kv_cache
-from tpullm.models.transformer import Decoder
 
 
 def accept_drafts(key, drafts, target_logits, draft_logits, sampling: SamplingParams):
@@ -55,12 +54,6 @@ def accept_drafts(key, drafts, target_logits, draft_logits, sampling: SamplingPa
     return accepted, jax.random.categorical(residual_key, jnp.log(residual))
 
 
-@dataclasses.dataclass(frozen=True)
-class _Model:
-    model: Decoder
-    params: object
-
-
 class SpeculativeGenerator:
     """Generates from `target_model` with `target_params`, drafting `k` tokens a round with `draft_model` (any
     config with the same vocabulary, usually much smaller), for sequences of at most `max_length` tokens."""
@@ -79,12 +72,9 @@ class SpeculativeGenerator:
                     f"max_length={max_length} + k={k} is longer than a model's learned position table "
                     f"(model.max_length={cfg.max_length})"
                 )
-        # Generator converts each model to its decoding config and plain layer stack.
-        target, draft = (
-            Generator(target_model, target_params, max_length),
-            Generator(draft_model, draft_params, max_length),
-        )
-        self.target, self.draft = _Model(target.model, target.params), _Model(draft.model, draft.params)
+        # A Generator holds each model in its decoding config with the params of the plain layer stack.
+        self.target = Generator(target_model, target_params, max_length)
+        self.draft = Generator(draft_model, draft_params, max_length)
         self.max_length, self.k, self.vocab = max_length, k, vocab
         self._compiled = {}
 
@@ -124,7 +114,7 @@ class SpeculativeGenerator:
         filters = dataclasses.replace(sampling, seed=0)  # one jit per set of filters; the seed is an input
         run = self._compiled.get(filters)
         if run is None:
-            run = self._compiled[filters] = jax.jit(jax.vmap(self._loop(filters), in_axes=(None,) * 6 + (0,)))
+            run = self._compiled[filters] = self._over_samples(self._loop(filters))
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(sampling.seed), i))(jnp.arange(num_samples))
         out, logprobs, counts, accepted, drafted = jax.device_get(
             run(
@@ -145,6 +135,13 @@ class SpeculativeGenerator:
             completions.append(Completion(row[:n].tolist(), row_logprobs[:n].tolist(), reason))
         rate = float(accepted.sum() / drafted.sum()) if drafted.sum() else math.nan
         return completions, rate
+
+    def _over_samples(self, loop):
+        """The loop jitted over a batch of keys: vectorized, or one sample after another for mixture-of-experts
+        models (the dropless experts' ragged_dot has no batching rule over a leading axis)."""
+        if self.target.model.config.num_experts or self.draft.model.config.num_experts:
+            return jax.jit(lambda *args: jax.lax.map(lambda key: loop(*args[:-1], key), args[-1]))
+        return jax.jit(jax.vmap(loop, in_axes=(None,) * 6 + (0,)))
 
     def _loop(self, sampling: SamplingParams):
         """The jitted body for one sample: prefill both models, then rounds of drafting and verifying."""
