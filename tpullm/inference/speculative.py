@@ -12,7 +12,7 @@ drawn from the draft's distribution q, is accepted with probability min(1, p(d) 
 at the first rejection the token is drawn from norm(max(0, p - q)) instead, and after k acceptances from p.
 Every token then follows the target's distribution (p and q both after temperature and filters).
 
-One prompt per call (batch 1; `num_samples` runs independent samples of it side by side), no mesh; the
+One prompt per call (batch 1; `num_samples` runs independent samples of it in the same call), no mesh; the
 whole loop runs in one jit.
 """
 
