@@ -83,6 +83,21 @@ def test_train_cli_writes_outputs_resumes_and_samples(tmp_path):
     assert beams.returncode == 0, beams.stderr[-3000:]
     assert beams.stdout.startswith("import ") and len(beams.stdout.rstrip("\n")) > len("import ")
 
+    # The run as its own draft (speculative decoding): greedy, the same text, every draft token accepted.
+    speculative = run(
+        [
+            "tpullm.sample",
+            f"--workdir={workdir}",
+            f"--draft_workdir={workdir}",
+            "--draft_tokens=3",
+            "--prompt=import ",
+            "--max_new_tokens=16",
+            "--temperature=0",
+        ]
+    )
+    assert speculative.returncode == 0, speculative.stderr[-3000:]
+    assert speculative.stdout == sample.stdout and "accepted 100.0% of the draft's tokens" in speculative.stderr
+
     # A prompts file decodes as one batch, each continuation after its prompt.
     prompts_file = os.path.join(workdir, "prompts.jsonl")
     with open(prompts_file, "w") as f:

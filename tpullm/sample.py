@@ -3,10 +3,13 @@
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --temperature=0.8 --top_k=40
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompts_file=prompts.jsonl --num_samples=4
     python -m tpullm.sample --workdir=/tmp/tpullm_demo --prompt="def " --beams=4 --length_penalty=1.0
+    python -m tpullm.sample --workdir=/tmp/tpullm_demo --draft_workdir=/tmp/tpullm_small --draft_tokens=4
 
 All prompts (and their samples) are decoded together as one batch with the KV cache
 (tpullm/inference/generate.py; with --beams=N, N > 1, beam search instead of sampling,
-tpullm/inference/beam.py); each continuation is printed after its prompt.
+tpullm/inference/beam.py); each continuation is printed after its prompt. With --draft_workdir (a
+smaller model trained with the same tokenizer) each text is decoded alone by speculative decoding
+(tpullm/inference/speculative.py), which keeps the target's distribution; its acceptance rate goes to stderr.
 """
 
 import json
@@ -34,6 +37,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose mass reaches p.")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens at least min_p times as likely as the most likely (0: all).")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "A smaller run's workdir: its model drafts tokens.")
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round (with --draft_workdir).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BEAMS = flags.DEFINE_integer("beams", 1, "Beam search with this many beams when > 1 (the sampling flags unused).")
 _LENGTH_PENALTY = flags.DEFINE_float(
@@ -71,9 +76,17 @@ def main(argv):
         raise UserError(f"beams={_BEAMS.value} must be >= 1")
     if _BEAMS.value > 1 and _NUM_SAMPLES.value > 1:
         raise UserError(f"beam search (beams={_BEAMS.value}) gives one continuation per prompt: use num_samples=1")
+    if _DRAFT_TOKENS.value < 1:
+        raise UserError(f"draft_tokens={_DRAFT_TOKENS.value} must be >= 1")
+    if _BEAMS.value > 1 and _DRAFT_WORKDIR.value:
+        raise UserError("--beams and --draft_workdir do not combine: speculative decoding samples or decodes greedily")
     prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [_PROMPT.value]
     # Which step was loaded goes to stderr: stdout holds the text alone.
     model, config, params = load_model(_WORKDIR.value, _STEP.value, log=lambda m: print(m, file=sys.stderr))
+    draft = None
+    if _DRAFT_WORKDIR.value:
+        draft_model, _, draft_params = load_model(_DRAFT_WORKDIR.value, log=lambda m: print(m, file=sys.stderr))
+        draft = (draft_model, draft_params)
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _SEED.value)
     texts = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
     continuations = complete_texts(
@@ -86,6 +99,9 @@ def main(argv):
         train_length=config.data.seq_len,
         num_beams=_BEAMS.value,
         length_penalty=_LENGTH_PENALTY.value,
+        draft=draft,
+        draft_tokens=_DRAFT_TOKENS.value,
+        log=lambda m: print(m, file=sys.stderr),
     )
     print(SEPARATOR.join(prompt + text for prompt, text in zip(texts, continuations)))
 

@@ -1,10 +1,13 @@
 """Text in, text out: continue a batch of prompts with a tokenizer (any object with encode, decode and
 eos_id, e.g. tpullm.data.load_tokenizer's), for the sample command and the end-of-training sample."""
 
+import dataclasses
+
 from tpullm.errors import UserError, warn
 from tpullm.inference.beam import beam_search
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, check_sampling
+from tpullm.inference.speculative import SpeculativeGenerator
 
 
 def complete_texts(
@@ -17,9 +20,14 @@ def complete_texts(
     train_length: int,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    draft=None,
+    draft_tokens: int = 4,
+    log=print,
 ) -> list[str]:
     """Each text's continuation (decoded new tokens), all texts decoded as one batch: sampled, or with
-    num_beams > 1 the best beam of a beam search (tpullm/inference/beam.py; `sampling` unused).
+    num_beams > 1 the best beam of a beam search (tpullm/inference/beam.py; `sampling` unused). With
+    `draft` (a (model, params) pair with the target's vocabulary) one text at a time by speculative
+    decoding with `draft_tokens` drafts a round, logging each text's acceptance rate.
 
     A model with learned positions cannot see past its position table (model.max_length): such prompts
     keep their last tokens. RoPE models continue past their training length (`train_length`), with a warning.
@@ -30,12 +38,13 @@ def complete_texts(
         raise UserError("a prompt is empty: give at least one token to condition on")
     cfg = model.config
     if cfg.positions == "learned":
-        if max_new_tokens >= cfg.max_length:
+        table = cfg.max_length - (draft_tokens if draft else 0)  # drafts take positions past the last kept token
+        if max_new_tokens >= table:
             raise UserError(
                 f"max_new_tokens={max_new_tokens} must be below the model's learned position table "
-                f"(model.max_length={cfg.max_length})"
+                f"(model.max_length={cfg.max_length}{f' less {draft_tokens} draft tokens' if draft else ''})"
             )
-        keep = cfg.max_length - max_new_tokens
+        keep = table - max_new_tokens
         if any(len(p) > keep for p in prompts):
             warn(
                 f"prompts longer than {keep} tokens keep their last {keep}: the model has {cfg.max_length} "
@@ -45,6 +54,17 @@ def complete_texts(
     max_length = max(len(p) for p in prompts) + max_new_tokens
     if max_length > train_length:
         warn(f"prompt and generated tokens reach {max_length} tokens, beyond the training length {train_length}")
+    if draft:
+        speculative = SpeculativeGenerator(model, params, *draft, max_length=max_length, k=draft_tokens)
+        continuations = []
+        for i, prompt in enumerate(prompts):
+            # Each text its own seed, as rows of one Generator batch are.
+            completion, rate = speculative.generate(
+                prompt, max_new_tokens, dataclasses.replace(sampling, seed=sampling.seed + i), tokenizer.eos_id
+            )
+            log(f"text {i}: speculative decoding accepted {rate:.1%} of the draft's tokens")
+            continuations.append(tokenizer.decode(completion.tokens))
+        return continuations
     generator = Generator(model, params, max_length=max_length)
     if num_beams > 1:
         beams = beam_search(generator, prompts, max_new_tokens, num_beams, length_penalty, eos_id=tokenizer.eos_id)

@@ -1,4 +1,5 @@
-"""The key/value cache of one attention layer, for generation: prefill and one-token decode steps.
+"""The key/value cache of one attention layer, for generation: prefill, decode steps (one token per row, or
+several to verify speculative drafts) and rewinding to drop tokens that were not accepted.
 
 The cache lives in the linen collection "cache" (scanned with the layers, so every leaf gains a
 leading `layers` axis): `cached_key` and `cached_value` [batch, slots, kv_heads, head_dim] and `index`, the row
@@ -76,24 +77,30 @@ def prefill(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, num_slots
 
 
 def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions):
-    """One new token per row against the cache, which it then joins.
+    """New tokens (one per row, or several for speculative verification) against the cache, which they join.
 
-    q: [b, 1, heads, hd]; k, v: [b, 1, kv_heads, hd]; positions: [b, 1] each row's query position.
-    Returns [b, 1, heads, hd].
+    q: [b, m, heads, hd]; k, v: [b, m, kv_heads, hd]; positions: [b, m] each query's position.
+    Returns [b, m, heads, hd].
+
+    Query j sees the cache and the new tokens up to itself: a new token after it sits in a slot whose age
+    comes out as slots - (how many tokens later), which the mask excludes as long as the cache holds
+    the longest sequence plus m - 1 more slots (a sliding window: window + m - 1; see `rewind`).
     """
     if not module.has_variable("cache", "cached_key"):
         raise ValueError("decode needs a cache: run the prompt with cache='prefill' first")
     key, value, index = _variables(module, None, None)
-    n, now = key.value.shape[1], index.value
-    keys = jax.lax.dynamic_update_slice_in_dim(key.value, k.astype(key.value.dtype), now % n, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(value.value, v.astype(value.value.dtype), now % n, axis=1)
+    n, now, m = key.value.shape[1], index.value, q.shape[1]
+    written = (now + jnp.arange(m)) % n  # [m] the slots of the new tokens (a ring may wrap within them)
+    keys = key.value.at[:, written].set(k.astype(key.value.dtype))
+    values = value.value.at[:, written].set(v.astype(value.value.dtype))
     keys = nn.with_logical_constraint(keys, CACHE_AXES)
     values = nn.with_logical_constraint(values, CACHE_AXES)
-    key.value, value.value, index.value = keys, values, now + 1
-    age = (now - jnp.arange(n)) % n  # [slots] how many tokens before the query each slot's key is
-    mask = age[None, None, :] <= positions[:, :, None]  # [b, 1, slots]
+    key.value, value.value, index.value = keys, values, now + m
+    # [m, slots] how many tokens before query j each slot's key is
+    age = (now + jnp.arange(m)[:, None] - jnp.arange(n)[None, :]) % n
+    mask = age[None] <= positions[:, :, None]  # [b, m, slots]
     if cfg.sliding_window:  # a cache longer than the window (slots() gives exactly the window)
-        mask &= age[None, None, :] < cfg.sliding_window
+        mask &= age[None] < cfg.sliding_window
     return dot_product_attention(q, keys, values, mask)
 
 
@@ -106,3 +113,17 @@ def select_rows(cache, rows):
         return jnp.take(x, rows, axis=1) if batched else x  # [layers, batch, ...]; `index` has no batch axis
 
     return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def rewind(cache, index):
+    """The cache (a model's whole "cache" collection) with every layer's next index set to `index`: tokens
+    written at or after it are dropped. Their keys stay in their slots until overwritten, but a query at
+    token i sees a slot written for token i + d (d >= 0) as slots - d tokens old, so with `extra` spare
+    slots (`slots(cfg, max_length) + extra`) and d <= extra no query ever sees them: without a window
+    that age exceeds every position, with a window W it is at least W. For the same reason a ring of W +
+    extra slots never lets such a write overwrite a key still inside a later query's window."""
+
+    def set_index(path, leaf):
+        return jnp.full_like(leaf, index) if getattr(path[-1], "key", None) == "index" else leaf
+
+    return jax.tree_util.tree_map_with_path(set_index, cache)
