@@ -13,10 +13,13 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
+# The simulated devices are threads sharing the machine's cores: on a busy machine one can reach a
+# collective long after the others, past XLA:CPU's 40 s default for the stragglers.
+XLA_FLAGS = f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
 def run_on_devices(script: str, *args, timeout: int = 900) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": XLA_FLAGS}
     proc = subprocess.run(
         [sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
