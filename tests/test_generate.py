@@ -12,10 +12,12 @@ import pytest
 from multidevice import results_on_devices
 
 from tpullm import models
+from tpullm.data.tokenizer import ByteTokenizer
 from tpullm.errors import UserError
 from tpullm.inference.best_of import best_of
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams, filter_logits
+from tpullm.inference.text import streamer
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, embed_dim=32, num_layers=2, num_heads=4, mlp_dim=64, init_std=0.3, max_length=128)
@@ -126,6 +128,27 @@ def test_eos_and_stop_tokens_end_rows():
         expected = "eos" if row.tokens[first] == eos else "stop"
         assert completion.finish_reason == expected
         assert completion.stop_token == (stop if expected == "stop" else None)
+
+
+def test_streamed_tokens_arrive_in_order_and_equal_the_completions():
+    model, params = tiny("llama")
+    prompts = prompts_of((5, 9), seed=3)
+    generator = Generator(model, params, max_length=32)
+    free = generator.generate(prompts, 8, GREEDY)
+    eos = free[0].tokens[3]
+    seen = {0: [], 1: []}
+    ended = generator.generate(prompts, 8, GREEDY, eos_id=eos, on_token=lambda row, t: seen[row].append(t))
+    assert [seen[0], seen[1]] == [c.tokens for c in ended]  # the eos that ended row 0 is not streamed
+    assert len(seen[0]) == 3
+
+
+def test_the_text_streamer_waits_for_whole_characters():
+    tokenizer = ByteTokenizer()
+    pieces = []
+    on_token = streamer(tokenizer, pieces.append)
+    for t in tokenizer.encode("añb€"):  # ñ is 2 bytes, € is 3
+        on_token(0, t)
+    assert pieces == ["a", "ñ", "b", "€"]
 
 
 def test_logprobs_are_the_model_log_softmax_of_the_chosen_tokens():

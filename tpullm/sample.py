@@ -7,7 +7,8 @@
 
 All prompts (and their samples) are decoded together as one batch with the KV cache
 (tpullm/inference/generate.py; with --beams=N, N > 1, beam search instead of sampling,
-tpullm/inference/beam.py); each continuation is printed after its prompt. With --draft_workdir (a
+tpullm/inference/beam.py); each continuation is printed after its prompt. A single sampled text streams
+to the terminal token by token as it is decoded. With --draft_workdir (a
 smaller model trained with the same tokenizer) each text is decoded alone by speculative decoding
 (tpullm/inference/speculative.py), which keeps the target's distribution; its acceptance rate goes to stderr.
 """
@@ -89,6 +90,16 @@ def main(argv):
         draft = (draft_model, draft_params)
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _SEED.value)
     texts = [p for p in prompts for _ in range(_NUM_SAMPLES.value)]
+    streamed = []  # one sampled text goes to the terminal token by token
+    if len(texts) == 1 and _BEAMS.value == 1 and not draft:
+        print(texts[0], end="", flush=True)
+
+        def stream(piece):
+            print(piece, end="", flush=True)
+            streamed.append(piece)
+
+    else:
+        stream = None
     continuations = complete_texts(
         model,
         params,
@@ -102,7 +113,11 @@ def main(argv):
         draft=draft,
         draft_tokens=_DRAFT_TOKENS.value,
         log=lambda m: print(m, file=sys.stderr),
+        stream=stream,
     )
+    if stream is not None:
+        print(continuations[0][len("".join(streamed)) :])  # what the stream held back, and the newline
+        return
     print(SEPARATOR.join(prompt + text for prompt, text in zip(texts, continuations)))
 
 

@@ -85,6 +85,7 @@ class Generator:
             with nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
                 self.params = jax.device_put(self.params, rules.state_shardings(abstract, mesh))
         self._compiled = {}
+        self._on_token = None  # the streaming callback of the generate call under way
 
     def left_pad(self, prompts: list[list[int]], max_new_tokens: int):
         """The prompts right-aligned in one batch: tokens [rows, length] and each row's first real index
@@ -113,9 +114,13 @@ class Generator:
         sampling: SamplingParams | None = None,
         eos_id: int | None = None,
         stop_ids=(),
+        on_token=None,
     ) -> list[Completion]:
         """Continues every prompt (a non-empty list of ids) by up to max_new_tokens, all rows as one batch
-        (sampling: default SamplingParams(), temperature 1)."""
+        (sampling: default SamplingParams(), temperature 1). `on_token(row, token)`, if given, is called on
+        the host for each new token as the loop makes it (for streaming; one device, no mesh)."""
+        if on_token is not None and self.mesh is not None:
+            raise UserError("streaming (on_token) runs on one device; give the Generator no mesh")
         sampling = sampling or SamplingParams()
         check_sampling(sampling.temperature, sampling.top_k, sampling.top_p, max_new_tokens, sampling.min_p)
         tokens, starts = self.left_pad(prompts, max_new_tokens)
@@ -124,7 +129,9 @@ class Generator:
         stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
         # One jit per set of filters (the seed is an input); it compiles once per (rows, length) bucket.
         filters = dataclasses.replace(sampling, seed=0)
-        run = self.compiled(filters, lambda: self._compile(filters))
+        stream = on_token is not None
+        run = self.compiled((filters, stream), lambda: self._compile(filters, stream))
+        self._on_token = on_token
         out, logprobs, reasons, lengths = jax.device_get(
             run(
                 self.params,
@@ -146,7 +153,12 @@ class Generator:
             )
         return completions
 
-    def _compile(self, sampling: SamplingParams):
+    def _emit(self, tokens, kept):
+        """Host side of streaming: hands each row's kept token to the current call's on_token."""
+        for row in np.flatnonzero(kept):
+            self._on_token(int(row), int(tokens[row]))
+
+    def _compile(self, sampling: SamplingParams, stream: bool = False):
         model, vocab = self.model, self.model.config.vocab_size
 
         def run(params, tokens, starts, num_prompts, max_new, eos_id, stops, key):
@@ -176,6 +188,8 @@ class Generator:
                 reason = jnp.where(live, ended, s["reason"])
                 reason = jnp.where((reason == RUNNING) & (t + 1 >= max_new), LENGTH, reason)
                 kept = live & (ended == RUNNING)  # the token joins the output (an eos/stop token does not)
+                if stream:  # ordered: the host sees the tokens step by step, while the loop goes on
+                    jax.debug.callback(self._emit, token, kept, ordered=True)
                 positions = (length + t - starts)[:, None]  # [rows, 1]
                 logits, variables = model.apply(
                     {"params": params, "cache": s["cache"]},

@@ -23,11 +23,13 @@ def complete_texts(
     draft=None,
     draft_tokens: int = 4,
     log=print,
+    stream=None,
 ) -> list[str]:
     """Each text's continuation (decoded new tokens), all texts decoded as one batch: sampled, or with
     num_beams > 1 the best beam of a beam search (tpullm/inference/beam.py; `sampling` unused). With
     `draft` (a (model, params) pair with the target's vocabulary) one text at a time by speculative
-    decoding with `draft_tokens` drafts a round, logging each text's acceptance rate.
+    decoding with `draft_tokens` drafts a round, logging each text's acceptance rate. `stream(piece)`, for
+    one sampled text, gets the text each new token adds while decoding runs.
 
     A model with learned positions cannot see past its position table (model.max_length): such prompts
     keep their last tokens. RoPE models continue past their training length (`train_length`), with a warning.
@@ -69,5 +71,25 @@ def complete_texts(
     if num_beams > 1:
         beams = beam_search(generator, prompts, max_new_tokens, num_beams, length_penalty, eos_id=tokenizer.eos_id)
         return [tokenizer.decode(best.tokens) for best, *_ in beams]
-    completions = generator.generate(prompts, max_new_tokens, sampling, eos_id=tokenizer.eos_id)
+    on_token = None
+    if stream is not None:
+        if len(prompts) != 1 or draft or num_beams > 1:
+            raise UserError("streaming shows one sampled text: give one prompt, no draft and no beams")
+        on_token = streamer(tokenizer, stream)
+    completions = generator.generate(prompts, max_new_tokens, sampling, eos_id=tokenizer.eos_id, on_token=on_token)
     return [tokenizer.decode(c.tokens) for c in completions]
+
+
+def streamer(tokenizer, write):
+    """An on_token for one row that calls write(piece) with the text each new token adds; a piece that
+    ends inside a multi-byte character (decoded as U+FFFD) waits for the token that completes it."""
+    tokens, shown = [], [0]
+
+    def on_token(row, token):
+        tokens.append(token)
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            write(text[shown[0] :])
+            shown[0] = len(text)
+
+    return on_token
