@@ -186,6 +186,19 @@ def test_best_of_keeps_the_sample_with_the_highest_mean_logprob():
     assert best.tokens == candidates[int(np.argmax(scores))].tokens
 
 
+def test_best_of_by_total_or_mean_logprob_with_rows_of_different_lengths():
+    model, params = tiny("llama")
+    [prompt] = prompts_of((6,), seed=10)
+    generator = Generator(model, params, max_length=24)
+    sampling = SamplingParams(temperature=1.5, seed=4)
+    eos = generator.generate([prompt] * 4, 8, sampling)[0].tokens[2]  # ends some rows early
+    candidates = generator.generate([prompt] * 4, 8, sampling, eos_id=eos)
+    assert len({len(c.tokens) for c in candidates}) > 1
+    for normalize, score in ((True, lambda lp: sum(lp) / max(len(lp), 1)), (False, sum)):
+        [best] = best_of(generator, [prompt], 4, 8, sampling, eos_id=eos, length_normalize=normalize)
+        assert best.tokens == max(candidates, key=lambda c: score(c.logprobs)).tokens
+
+
 def numpy_filter(logits, temperature, top_k, top_p, min_p):
     """The filters written out for one row in float64: temperature, then top-k, top-p, min-p."""
     x = logits.astype(np.float64) / temperature
