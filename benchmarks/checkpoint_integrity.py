@@ -8,9 +8,7 @@ with the checksums against Orbax alone, and a restore with verification against 
 """
 
 import os
-import statistics
 import tempfile
-import time
 
 import flax.linen as nn
 import jax
@@ -18,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 from ml_collections import config_flags
+from step_timing import median_seconds
 
 from tpullm import config as config_lib
 from tpullm.checkpoint import integrity
@@ -31,13 +30,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats of each measurement
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation and first-touch costs are not what is measured
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats)
 
 
 def main(argv):

@@ -18,13 +18,12 @@ compiles):
 """
 
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from step_timing import median_seconds
 
 from tpullm import models
 from tpullm.inference.generate import Generator
@@ -59,16 +58,6 @@ def hf_demo_model(max_length: int):
     config = transformers.LlamaConfig(**DEMO_SHAPE, max_position_embeddings=max_length)
     config._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cached_rates(model, params, prompts, context: int, new: int, repeats: int) -> tuple[float, float]:

@@ -12,12 +12,11 @@ tokens/s counts generated tokens over wall-clock time, median of --repeats after
 """
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
+from step_timing import median_seconds
 
 from tpullm import models
 from tpullm.inference.generate import Generator
@@ -40,16 +39,6 @@ DEMO = dict(
     init_std=0.02,
     max_length=2048,
 )
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv):

@@ -10,6 +10,16 @@ from tpullm.parallel import rules
 from tpullm.training import loop
 
 
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def median_step_ms(compiled, setup, rows: dict, steps: int):
     """(median ms per step after one warm-up step, the last step's metrics) on a fresh state."""
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
