@@ -4,7 +4,8 @@ import types
 import jax
 import pytest
 
-from tpullm.config import ModelConfig
+from configs import llama3_8b
+from tpullm.config import ModelConfig, validate
 from tpullm.training import metrics
 from tpullm.training.flops import CPU_PEAK_FLOPS, PEAK_FLOPS_ENV, flops_per_token, param_counts, peak_flops_per_device
 
@@ -54,6 +55,13 @@ def test_llama2_7b_param_count():
     counts = param_counts(LLAMA2_7B.resolve())
     assert counts["total"] == 6_738_415_616
     assert counts["non_embedding"] == 6_738_415_616 - 2 * 32000 * 4096
+
+
+def test_llama3_8b_config_param_count():
+    """configs/llama3_8b.py has the published size of Llama 3.1 8B (its safetensors hold 8,030,261,248)."""
+    cfg = validate(llama3_8b.get_config())
+    assert param_counts(cfg)["total"] == 8_030_261_248
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_length) == ("llama3", 8.0, 8192)
 
 
 def test_gpt2_small_param_count():

@@ -213,9 +213,18 @@ def test_unsupported_model_type_is_refused():
     [
         (
             llama,
-            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-            "rope_type='linear'",
+            dict(
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 32,
+                }
+            ),
+            "rope_type='longrope'",
         ),
+        (llama, dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5}), "partial_rotary"),
         (llama, dict(hidden_act="gelu"), "hidden_act"),
         (qwen2, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "mix of sliding-window"),
         (gpt2, dict(activation_function="gelu"), "activation_function"),

@@ -154,6 +154,21 @@ def test_resuming_with_a_changed_model_or_data_layout_is_refused_and_touches_not
     assert open(os.path.join(workdir, "config.json"), "rb").read() == before["config.json"]
 
 
+def test_a_workdir_from_before_a_config_key_existed_resumes_with_its_default(workdir):
+    """config.json written by a tpullm without the rope scaling keys: their defaults are what it ran."""
+    path = os.path.join(workdir, "config.json")
+    old = json.load(open(path))
+    old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("rope_") or k == "rope_theta"}
+    json.dump(old, open(path, "w"))
+    loop.train(smoke(steps=30), workdir)
+    assert steps_on_disk(workdir) == [10, 20, 30]
+    c = smoke(steps=40)
+    c.model.rope_scaling = "linear"
+    c.model.rope_factor = 2.0
+    with pytest.raises(ConfigError, match="model.rope_factor: 1.0 in the workdir, 2.0 now"):
+        loop.train(c, workdir)
+
+
 def test_an_allowed_change_of_shapes_still_refuses_without_moving_checkpoints(workdir):
     c = smoke(allow_changes="model.num_layers")
     c.model.num_layers = 3

@@ -20,6 +20,7 @@ from tpullm.errors import UserError
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")  # tpullm/models/rope.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCH = ("dropless", "capacity")
 SEQUENCE_ATTENTION = ("all_gather", "ring")
@@ -56,6 +57,17 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: str = "rope"  # rope | learned (absolute, GPT-2)
     rope_theta: float = 10000.0
+    # RoPE context extension (tpullm/models/rope.py): none | linear | dynamic | yarn | llama3, by
+    # rope_factor from rope_original_length, the context the model was pre-trained on.
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_original_length: int = 0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn: rotations per original context above which frequencies are kept
+    rope_beta_slow: float = 1.0  # yarn: ... below which they are divided by rope_factor
+    rope_attention_factor: float = 0.0  # yarn: the scale on cos/sin; 0 gives 0.1 ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole features
     max_length: int = 2048  # longest sequence; the size of the learned position table
     qkv_bias: bool = False  # Qwen, GPT-2
     dense_bias: bool = False  # bias on the attention output and MLP layers (GPT-2)
@@ -170,11 +182,33 @@ def validate_model(m: ModelConfig) -> None:
         )
     if m.rope_theta <= 0:
         raise ConfigError(f"model.rope_theta={m.rope_theta} must be positive")
+    _validate_rope_scaling(m)
     for name in ("norm_eps", "init_std"):
         check_bound(f"model.{name}", getattr(m, name), POSITIVE, getattr(ModelConfig, name))
     _choice("sequence_attention", m.sequence_attention, SEQUENCE_ATTENTION)
     _validate_moe(m)
     _validate_pipeline(m)
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    _choice("rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    if m.rope_scaling == "none":
+        return
+    if m.rope_factor < 1:
+        raise ConfigError(
+            f"model.rope_factor={m.rope_factor} must be at least 1 with rope_scaling={m.rope_scaling!r} "
+            f"(how many times longer than rope_original_length the context becomes)"
+        )
+    if m.rope_scaling != "linear" and m.rope_original_length <= 0:
+        raise ConfigError(
+            f"model.rope_scaling={m.rope_scaling!r} needs model.rope_original_length, the context length the "
+            f"model was pre-trained on (e.g. 8192 for Llama 3.1, 32768 for Qwen2.5)"
+        )
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError(
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor="
+            f"{m.rope_high_freq_factor} need 0 < low < high (Llama 3.1: 1 and 4)"
+        )
 
 
 def _validate_pipeline(m: ModelConfig) -> None:

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from tpullm.checkpoint.manager import CONFIG_FILE, read_config, write_config
-from tpullm.config import ConfigError
+from tpullm.config import ConfigError, default_config
 
 # Free to change on resume: they shape the remaining steps, not the saved state or the data stream.
 FREE = (
@@ -64,9 +64,15 @@ def flatten(config, prefix: str = "") -> dict:
 
 
 def differences(old, new) -> dict:
-    """{key: (old value, new value)} for every key whose value differs (missing: None)."""
-    a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    """{key: (old value, new value)} for every key whose value differs (missing: None). A key the old
+    config lacks (written by a tpullm without it) that the new one sets to its default is no change:
+    the default is what the old run did."""
+    a, b, defaults = flatten(old), flatten(new), flatten(default_config())
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not (k not in a and k in defaults and b[k] == defaults[k])
+    }
 
 
 def _matches(key: str, patterns) -> bool:

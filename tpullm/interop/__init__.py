@@ -7,7 +7,8 @@
 Importing this package does not import torch or transformers.
 """
 
+from tpullm.interop import rope_scaling
 from tpullm.interop.hf import SUPPORTED_MODEL_TYPES, config_from_hf, from_hf
 from tpullm.interop.vocab import pad_vocab, unpad_vocab
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "pad_vocab", "unpad_vocab"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "pad_vocab", "rope_scaling", "unpad_vocab"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from tpullm import models
 from tpullm.config import ModelConfig
+from tpullm.interop import rope_scaling
 from tpullm.interop.vocab import pad_vocab
 
 # ---------------------------------------------------------------------------------------------
@@ -86,31 +87,6 @@ def _transpose(w: np.ndarray) -> np.ndarray:
     return w.T
 
 
-def _rope_theta(hf_config) -> float:
-    """The RoPE base; refuses every rope type but the default (no scaling, full rotation)."""
-    rope = getattr(hf_config, "rope_parameters", None)
-    if rope is None:  # configs from before transformers 5 keep flat fields
-        rope = dict(getattr(hf_config, "rope_scaling", None) or {})
-        rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    if "rope_theta" not in rope:
-        raise ValueError(
-            f"{hf_config.model_type}: per-layer-type RoPE parameters {sorted(rope)} are not supported; "
-            f"tpullm uses one RoPE for every layer"
-        )
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(
-            f"{hf_config.model_type}: RoPE scaling rope_type={rope_type!r} is not supported; tpullm "
-            f"implements only the default (unscaled) RoPE"
-        )
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(
-            f"{hf_config.model_type}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported; "
-            f"tpullm rotates the whole head dimension"
-        )
-    return float(rope["rope_theta"])
-
-
 def _require(ok: bool, hf_config, feature: str) -> None:
     if not ok:
         raise ValueError(f"{hf_config.model_type}: {feature} is not supported by tpullm's Decoder")
@@ -132,7 +108,7 @@ def _llama_like_config(c, *, qkv_bias: bool, dense_bias: bool, sliding_window: i
         norm="rmsnorm",
         norm_eps=c.rms_norm_eps,
         positions="rope",
-        rope_theta=_rope_theta(c),
+        **rope_scaling.from_hf(c),
         max_length=c.max_position_embeddings,
         qkv_bias=qkv_bias,
         dense_bias=dense_bias,

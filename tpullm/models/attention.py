@@ -48,8 +48,8 @@ class Attention(nn.Module):
             (d, kv, hd), ("embed", "kv_heads", "head_dim"), "bld,dhk->blhk", "value", cfg.init_std, cfg.qkv_bias
         )(x)  # [b, l, kv_heads, hd]
         if cfg.positions == "rope":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            q = apply_rope(q, positions, cfg)
+            k = apply_rope(k, positions, cfg)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         # Sequence parallelism: the ring passes key/value blocks round the `sequence` axis; all_gather
         # keeps queries split along length and has XLA gather whole rows of keys and values.
