@@ -7,7 +7,7 @@
 Importing this package does not import torch or transformers.
 """
 
-from tpullm.interop.hf import SUPPORTED_MODEL_TYPES, config_from_hf, from_hf
+from tpullm.interop.hf import SUPPORTED_MODEL_TYPES, config_from_hf, from_hf, load_pretrained
 from tpullm.interop.vocab import pad_vocab, unpad_vocab
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "pad_vocab", "unpad_vocab"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_pretrained", "pad_vocab", "unpad_vocab"]
