@@ -1,0 +1,268 @@
+"""Hugging Face model directories both ways: `load_pretrained` (safetensors, no torch) and
+`save_pretrained` / `python -m tpullm.export --format=hf`, checked against transformers itself.
+
+Every HF model is built locally with random weights (test_hf_parity.py, test_moe_hf.py), saved with
+transformers' own `save_pretrained`, loaded by tpullm, exported again and opened with
+`AutoModelForCausalLM.from_pretrained`: the state dict must come back bitwise and the logits equal.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import test_hf_parity  # noqa: E402
+import test_moe_hf  # noqa: E402
+from multidevice import results_on_devices  # noqa: E402
+
+from tpullm import models  # noqa: E402
+from tpullm.interop import hf_dir, load_pretrained  # noqa: E402
+from tpullm.interop.hf_export import save_pretrained  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = sorted(test_hf_parity.FAMILIES) + ["mixtral"]
+LENGTH = 24
+
+
+def build_hf(name):
+    return test_moe_hf.build_hf() if name == "mixtral" else test_hf_parity.build_hf(name)
+
+
+def state_dict(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_dicts_bitwise_equal(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def from_pretrained(path, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_round_trip_through_tpullm_is_bitwise(name, tmp_path):
+    """HF save_pretrained -> load_pretrained -> save_pretrained (ours) -> HF from_pretrained."""
+    import jax
+
+    hf_model = build_hf(name)
+    hf_model.save_pretrained(tmp_path / "hf")
+    cfg, params = load_pretrained(str(tmp_path / "hf"))
+    save_pretrained(cfg, params, str(tmp_path / "ours"))
+    again = from_pretrained(str(tmp_path / "ours"))
+    assert type(again) is type(hf_model)
+    assert_state_dicts_bitwise_equal(state_dict(again), state_dict(hf_model))
+    tokens = np.random.default_rng(1).integers(0, test_hf_parity.VOCAB, (2, LENGTH))
+    np.testing.assert_array_equal(logits(again, tokens), logits(hf_model, tokens))
+    # and the loaded params compute HF's logits in tpullm
+    ours = np.asarray(jax.jit(models.build(cfg).apply)({"params": params}, tokens))
+    assert np.abs(ours - logits(hf_model, tokens)).max() < test_hf_parity.TOL
+
+
+def test_bfloat16_round_trip_is_bitwise(tmp_path):
+    """A bf16 directory loads as float32 (exactly) and exports as bf16 with the same bits."""
+    hf_model = build_hf("llama").to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    cfg, params = load_pretrained(str(tmp_path / "hf"))
+    assert {str(x.dtype) for x in __import__("jax").tree.leaves(params)} == {"float32"}
+    save_pretrained(cfg, params, str(tmp_path / "ours"), dtype="bfloat16")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
+    again = from_pretrained(str(tmp_path / "ours"), dtype=torch.bfloat16)
+    assert_state_dicts_bitwise_equal(state_dict(again), state_dict(hf_model))
+
+
+def test_small_shards_and_index_load_both_ways(tmp_path):
+    hf_model = build_hf("qwen2")
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    hf_shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(hf_shards) > 1 and (tmp_path / "hf" / hf_dir.INDEX).exists()
+    cfg, params = load_pretrained(str(tmp_path / "hf"))
+    save_pretrained(cfg, params, str(tmp_path / "ours"), max_shard_size="100KB")
+    shards = sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
+    index = json.loads((tmp_path / "ours" / hf_dir.INDEX).read_text())
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(set(index["weight_map"].values())) == shards
+    sizes = [(tmp_path / "ours" / s).stat().st_size for s in shards]
+    assert max(sizes) < 100_000 + 30_000  # the limit, plus one tensor's worth at most and the headers
+    assert_state_dicts_bitwise_equal(state_dict(from_pretrained(str(tmp_path / "ours"))), state_dict(hf_model))
+    _, reloaded = load_pretrained(str(tmp_path / "ours"))
+    import jax
+
+    for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+NO_TORCH = """
+import sys
+
+class RefuseTorch:  # any attempt to import torch or transformers fails loudly
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} was imported")
+
+sys.meta_path.insert(0, RefuseTorch())
+from tpullm.interop import load_pretrained
+
+cfg, params = load_pretrained(sys.argv[1])
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+print(cfg.num_layers, cfg.num_experts)
+"""
+
+
+def test_load_pretrained_never_imports_torch(tmp_path):
+    build_hf("mixtral").save_pretrained(tmp_path)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["3", "4"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each error names the file or the tensor
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    path = tmp_path / "llama"
+    build_hf("llama").save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_directory_without_config_json(llama_dir):
+    (llama_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{llama_dir}/config.json not found"):
+        load_pretrained(str(llama_dir))
+
+
+def test_missing_shard(llama_dir):
+    shard = sorted(llama_dir.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard {shard} is missing"):
+        load_pretrained(str(llama_dir))
+
+
+def test_tensor_of_the_wrong_shape(llama_dir):
+    edit_config(llama_dir, num_key_value_heads=4)  # k_proj and v_proj are stored for 2
+    with pytest.raises(
+        ValueError,
+        match=r"'model.layers.0.self_attn.k_proj.weight' in .*safetensors has shape \[32, 64\], "
+        r"but config.json implies \[64, 64\]",
+    ):
+        load_pretrained(str(llama_dir))
+
+
+def test_tensor_no_param_reads(llama_dir):
+    edit_config(llama_dir, num_hidden_layers=2)  # the directory holds 3 layers
+    with pytest.raises(ValueError, match=r"tensors the converted model would drop: \['model.layers.2"):
+        load_pretrained(str(llama_dir))
+
+
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        (dict(model_type="gpt_neox"), "unsupported HF model_type 'gpt_neox'; tpullm supports llama, mistral"),
+        (dict(hidden_act="gelu"), "llama: hidden_act='gelu'"),
+    ],
+)
+def test_unsupported_architecture_or_feature(llama_dir, changes, error):
+    edit_config(llama_dir, **changes)
+    with pytest.raises(ValueError, match=error):
+        load_pretrained(str(llama_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming into a mesh: FSDP over 8 devices
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fsdp") / "llama"
+    build_hf("llama").save_pretrained(path)
+    return results_on_devices(tmp_path_factory, __file__, path)
+
+
+def test_fsdp_load_equals_the_unsharded_load(fsdp_results):
+    assert fsdp_results["fsdp_split_params"] > 0
+    assert fsdp_results["equal"] == fsdp_results["params"]
+
+
+def test_fsdp_load_reads_only_each_devices_slices(fsdp_results):
+    """Each element of each HF tensor is read once; a tensor whose param is split over fsdp=8 is
+    read in 8 slices of an eighth, one per device (replicated params are read once for all)."""
+    for name, size in fsdp_results["sizes"].items():
+        reads = fsdp_results["reads"][name]
+        assert sum(reads) == size, name
+        if name in fsdp_results["split"]:
+            assert reads == [size // 8] * 8, name
+        else:
+            assert reads == [size], name
+
+
+def _fsdp_child(out_path, hf_path):
+    import math
+
+    import jax
+    from jax.sharding import Mesh
+
+    from tpullm.config import MESH_AXES
+    from tpullm.interop import hf_tensors
+
+    assert jax.device_count() == 8
+    mesh = Mesh(np.asarray(jax.devices()).reshape(1, 1, 8, 1, 1, 1), MESH_AXES)
+    log = []
+    cfg, sharded = load_pretrained(hf_path, mesh=mesh, read_log=log)
+    _, whole = load_pretrained(hf_path)
+
+    def paths(tree):
+        return {
+            jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    sharded, whole = paths(sharded), paths(whole)
+    hf = json.loads(open(os.path.join(hf_path, "config.json")).read())
+    split, sizes = [], {}
+    for row in hf_tensors.rows(cfg, hf):
+        leaf = sharded[row.ours]
+        is_split = "fsdp" in jax.tree.leaves(tuple(leaf.sharding.spec))
+        for name in row.names(cfg):
+            sizes[name] = math.prod(leaf.shape[row.lead :])
+            if is_split:
+                split.append(name)
+    reads: dict = {}
+    for name, index in log:
+        reads.setdefault(name, []).append(math.prod(stop - start for start, stop in index))
+    results = {
+        "params": len(whole),
+        "equal": sum(np.array_equal(np.asarray(sharded[p]), np.asarray(whole[p])) for p in whole),
+        "fsdp_split_params": sum("fsdp" in jax.tree.leaves(tuple(a.sharding.spec)) for a in sharded.values()),
+        "split": split,
+        "sizes": sizes,
+        "reads": reads,
+    }
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    _fsdp_child(sys.argv[1], sys.argv[2])
