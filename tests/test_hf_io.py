@@ -266,3 +266,37 @@ def _fsdp_child(out_path, hf_path):
 
 if __name__ == "__main__":
     _fsdp_child(sys.argv[1], sys.argv[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained tpullm checkpoint, exported: transformers continues a prompt as tpullm does
+
+from test_checkpoint_export import workdir  # noqa: E402, F401  (the demo smoke model after 2 train steps)
+
+
+def test_exported_demo_checkpoint_generates_like_tpullm(workdir, tmp_path):  # noqa: F811
+    from tpullm.checkpoint import load_model
+    from tpullm.inference.generate import Generator
+    from tpullm.inference.sampling import SamplingParams
+
+    out = str(tmp_path / "hf")
+    cmd = [sys.executable, "-m", "tpullm.export", f"--workdir={workdir}", "--format=hf", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    model, config, params = load_model(workdir, log=lambda _: None)
+    prompt, new = [1, 70, 71, 72, 73, 74], 12
+    ours = Generator(model, params, max_length=64).generate([prompt], new, SamplingParams(temperature=0.0))[0]
+    hf_model = from_pretrained(out)
+    with torch.no_grad():
+        hf_out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    theirs = hf_out[0, len(prompt) :].tolist()
+    # the continuation is decided by real margins, not near-ties that rounding could flip
+    with torch.no_grad():
+        top2 = hf_model(hf_out).logits[0, len(prompt) - 1 : -1].topk(2).values
+    margin = float((top2[:, 0] - top2[:, 1]).min())
+    print(f"greedy {theirs}; smallest top-1 margin {margin:.2e}")
+    assert margin > 1e-4  # float32 logits of the two implementations differ by ~1e-6
+    assert ours.tokens == theirs
