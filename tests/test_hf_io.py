@@ -300,3 +300,79 @@ def test_exported_demo_checkpoint_generates_like_tpullm(workdir, tmp_path):  # n
     print(f"greedy {theirs}; smallest top-1 margin {margin:.2e}")
     assert margin > 1e-4  # float32 logits of the two implementations differ by ~1e-6
     assert ours.tokens == theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# train.init_from: a run starts from an HF directory or from another run
+
+
+@pytest.fixture(scope="module")
+def hf_start(tmp_path_factory):
+    """(the smoke config, the params, an HF directory of them with a sentencepiece tokenizer.model)."""
+    import jax
+
+    from configs import demo
+    from tpullm import config as config_lib
+    from tpullm.data.tokenizer import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("init_from")
+    c = demo.get_config("smoke")
+    c.model.vocab_size = 320  # room for the sentencepiece model's 300 ids
+    cfg = config_lib.validate(c)
+    params = models.init_params(models.build(cfg), jax.random.key(7))
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(2000)]
+    (path / "tok.model").write_bytes(train_sentencepiece(texts, vocab_size=300)[0])
+    special = {"bos": 1, "eos": 2, "pad": 0}
+    save_pretrained(cfg, params, str(path / "hf"), special_ids=special, tokenizer_model=str(path / "tok.model"))
+    return c, params, path / "hf"
+
+
+def short_run(c, init_from):
+    """Two steps, the first at learning rate 0 (warmup starts there), saved after each: the step-1
+    checkpoint holds the initial params exactly."""
+    c = c.copy_and_resolve_references()
+    c.train.update(init_from=init_from, steps=2, checkpoint_every=1, log_every=1, eval_every=2, sample_tokens=0)
+    c.optimizer.warmup_steps = 1
+    return c
+
+
+def test_training_starts_from_an_hf_directory_and_its_tokenizer(hf_start, tmp_path):
+    import jax
+
+    from tpullm.checkpoint import load_params
+    from tpullm.checkpoint.manager import read_config
+    from tpullm.interop import init_from
+    from tpullm.training import loop
+
+    c, params, hf = hf_start
+    first = str(tmp_path / "first")
+    c1 = short_run(c, f"hf:{hf}")
+    loop.train(c1, first, init_source=init_from.resolve(c1.train.init_from))
+    assert read_config(first).data.tokenizer == str(hf / "tokenizer.model")
+    for a, b in zip(jax.tree.leaves(load_params(first, step=1)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # and a run started from that workdir starts from its newest params (step 2), with its tokenizer
+    second = str(tmp_path / "second")
+    c2 = short_run(c, first)
+    loop.train(c2, second, init_source=init_from.resolve(first))
+    assert read_config(second).data.tokenizer == str(hf / "tokenizer.model")
+    for a, b in zip(jax.tree.leaves(load_params(second, step=1)), jax.tree.leaves(load_params(first)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_names_every_mismatch(hf_start, tmp_path):
+    _, _, hf = hf_start
+    cmd = [
+        sys.executable,
+        "-m",
+        "tpullm.train",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.train.init_from=hf:{hf}",
+        "--config.model.num_layers=3",
+        "--config.model.mlp_dim=256",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "model.num_layers=3 but the source has 2; model.mlp_dim=256 but the source has 128" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
