@@ -376,3 +376,15 @@ def test_init_from_names_every_mismatch(hf_start, tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "model.num_layers=3 but the source has 2; model.mlp_dim=256 but the source has 128" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_exported_sentencepiece_tokenizer_encodes_like_tpullm(hf_start):
+    from tpullm.data.tokenizer import SentencePieceTokenizer
+
+    _, _, hf = hf_start
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf))
+    ours = SentencePieceTokenizer.load(str(hf / "tokenizer.model"))
+    for text in ["def f12(x):\n    return x * 3", "  two  spaces\n\tand ß€ bytes"]:
+        assert theirs(text)["input_ids"] == ours.encode(text)
+        assert theirs.decode(ours.encode(text)) == text
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)

@@ -121,6 +121,7 @@ def _write_tokenizer(out: str, model_path: str, special_ids: dict, max_length: i
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False,
         "add_eos_token": False,
+        "add_prefix_space": False,  # tpullm trains without a dummy prefix (add_dummy_prefix=False)
         "model_max_length": max_length,
         **tokens,
     }
