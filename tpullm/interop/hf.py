@@ -23,6 +23,7 @@ Neither torch nor transformers is imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tempfile
 
@@ -122,18 +123,25 @@ def _reader(cfg: ModelConfig, row: hf_tensors.Tensor, directory: HFDirectory, sh
         key = tuple((s.start, s.stop) for s in index)
         if key not in cache:
             leads = [range(s.start, s.stop) for s in index[: row.lead]]
-            units = [unit(lead, index[row.lead :]) for lead in itertools.product(*leads)]
-            cache[key] = np.stack(units).reshape(*map(len, leads), *units[0].shape) if row.lead else units[0]
+            piece = np.empty([s.stop - s.start for s in index], dtype)  # filled one HF tensor at a time
+            for lead in itertools.product(*leads):
+                piece[tuple(i - r.start for i, r in zip(lead, leads))] = unit(lead, index[row.lead :])
+            cache[key] = piece
         return cache[key]
 
     return callback
 
 
 def load_pretrained(
-    path: str, mesh: jax.sharding.Mesh | None = None, *, vocab_pad_multiple: int = 1, read_log: list | None = None
+    path: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    vocab_pad_multiple: int = 1,
+    param_dtype: str = "float32",
+    read_log: list | None = None,
 ) -> tuple[ModelConfig, dict]:
     """(ModelConfig, params) of the HF model directory `path` (config.json + *.safetensors), params
-    in the ModelConfig's param_dtype (float32).
+    in `param_dtype` (the ModelConfig's; float32 holds bfloat16 and float16 weights exactly).
 
     With `mesh`, every param is a global jax.Array laid out as the logical-axis rules ask
     (tpullm/parallel/rules.py), and each process reads only its devices' slices; without one, each
@@ -141,7 +149,7 @@ def load_pretrained(
     `read_log` (a list) receives every (tensor name, ((start, stop), ...)) read from the shards."""
     directory = HFDirectory(path, read_log)
     hf = directory.config
-    cfg = hf_config.to_model_config(hf, vocab_pad_multiple)
+    cfg = dataclasses.replace(hf_config.to_model_config(hf, vocab_pad_multiple), param_dtype=param_dtype).resolve()
     table = hf_tensors.rows(cfg, hf)
     unpadded_cfg = cfg if cfg.padded_vocab_size == cfg.vocab_size else hf_config.to_model_config(hf)
     unpadded, _ = _abstract(unpadded_cfg)
