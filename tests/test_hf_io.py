@@ -388,3 +388,26 @@ def test_exported_sentencepiece_tokenizer_encodes_like_tpullm(hf_start):
         assert theirs(text)["input_ids"] == ours.encode(text)
         assert theirs.decode(ours.encode(text)) == text
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hub_layouts_load_like_save_pretrained(name, tmp_path):
+    """Checkpoints as the Hub holds them: GPT-2's base model without the `transformer.` prefix and
+    with its causal-mask buffers, LLaMA's with the `rotary_emb.inv_freq` buffers older versions saved."""
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    build_hf(name).save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    if name == "gpt2":
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+        tensors.update({f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)) for i in range(3)})
+    else:
+        tensors.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32) for i in range(3)})
+    (tmp_path / "hub").mkdir()
+    save_file(tensors, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    _, want = load_pretrained(str(tmp_path / "hf"))
+    _, got = load_pretrained(str(tmp_path / "hub"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

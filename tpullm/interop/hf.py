@@ -77,7 +77,7 @@ def _check_table(cfg: ModelConfig, hf: dict, table, shapes: dict, directory: HFD
     problems += [f"{p} is not a param of the model" for p in by_path if p not in shapes]
     if problems:
         raise ValueError(f"{model_type}: the mapping table does not fit the model: " + "; ".join(problems))
-    expected = set(hf_tensors.ignored(cfg, hf))
+    expected = set()
     for row in table:
         unit_shape = shapes[row.ours].shape[row.lead :]
         for name in row.names(cfg):
@@ -94,7 +94,7 @@ def _check_table(cfg: ModelConfig, hf: dict, table, shapes: dict, directory: HFD
                     f"{model_type}: tensor {name!r} in {directory.where(name)} has shape "
                     f"{list(directory.shape[name])}, but config.json implies {list(want)}"
                 )
-    unused = sorted(set(directory.shape) - expected)
+    unused = sorted(n for n in set(directory.shape) - expected if not hf_tensors.ignored(cfg, hf, n))
     if unused:
         raise ValueError(
             f"{model_type}: {directory.path} has tensors the converted model would drop: {unused[:8]}"
@@ -149,6 +149,7 @@ def load_pretrained(
     `read_log` (a list) receives every (tensor name, ((start, stop), ...)) read from the shards."""
     directory = HFDirectory(path, read_log)
     hf = directory.config
+    directory.add_prefix(hf_tensors.PREFIX.get(hf.get("model_type"), ""))
     cfg = dataclasses.replace(hf_config.to_model_config(hf, vocab_pad_multiple), param_dtype=param_dtype).resolve()
     table = hf_tensors.rows(cfg, hf)
     unpadded_cfg = cfg if cfg.padded_vocab_size == cfg.vocab_size else hf_config.to_model_config(hf)

@@ -287,6 +287,7 @@ def _llama_like_hf(cfg: ModelConfig) -> dict:
         hidden_act="silu",
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        rope_theta=cfg.rope_theta,  # what transformers 4 reads (5 reads rope_parameters)
         max_position_embeddings=cfg.max_length,
         tie_word_embeddings=cfg.tie_embeddings,
     )

@@ -44,6 +44,7 @@ class HFDirectory:
                         )
                     self.file_of[name] = file
                     self.shape[name] = tuple(f.get_slice(name).get_shape())
+        self.stored = {name: name for name in self.shape}  # name -> its name in the file
 
     def _files(self) -> dict[str, list[str] | None]:
         """{file: the tensor names the index puts in it (None: all it holds)}, every file checked to exist."""
@@ -71,6 +72,18 @@ class HFDirectory:
             )
         return {f: None for f in found}
 
+        self.stored = {name: name for name in self.shape}  # name -> its name in the file
+
+    def add_prefix(self, prefix: str) -> None:
+        """Names every tensor `prefix + name` when none starts with `prefix`: a checkpoint of the base
+        model alone (GPT-2's on the Hub: `h.0.attn.c_attn.weight`, `wte.weight`) then reads like the
+        whole model's."""
+        if not prefix or any(name.startswith(prefix) for name in self.shape):
+            return
+        self.stored = {prefix + name: name for name in self.shape}
+        self.file_of = {prefix + name: file for name, file in self.file_of.items()}
+        self.shape = {prefix + name: shape for name, shape in self.shape.items()}
+
     def where(self, name: str) -> str:
         return os.path.join(self.path, self.file_of[name])
 
@@ -79,7 +92,7 @@ class HFDirectory:
         if self.read_log is not None:
             self.read_log.append((name, tuple((s.start, s.stop) for s in index)))
         with safe_open(self.where(name), framework="np") as f:
-            return f.get_slice(name)[index]
+            return f.get_slice(self.stored[name])[index]
 
 
 def parse_size(size) -> int:

@@ -14,13 +14,14 @@ partial reads follow from the same row:
     the fields name the ModelConfig sizes.
   - perm: then transposed (a torch Linear weight [out, in] is our kernel [in, out]).
 
-`rows(cfg, hf_config)` lists a model's rows; `ignored(cfg)` names HF tensors that are read by
-nobody (a head tied to the embedding).
+`rows(cfg, hf_config)` lists a model's rows; `ignored` says which other HF tensors a checkpoint may
+hold (a head tied to the embedding, buffers older transformers saved).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -224,9 +225,22 @@ def rows(cfg: ModelConfig, hf: dict) -> list[Tensor]:
     return _ROWS[hf["model_type"]](cfg, hf)
 
 
-def ignored(cfg: ModelConfig, hf: dict) -> set[str]:
-    """HF tensors a checkpoint may hold that no param reads: a tied head (the embedding itself)."""
-    return {"lm_head.weight"} if cfg.tie_embeddings else set()
+# Buffers older checkpoints saved that transformers recomputes: RoPE frequencies, GPT-2's causal mask.
+_BUFFERS = {
+    "llama": r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    "gpt2": r"transformer\.h\.\d+\.attn\.(masked_)?bias",
+}
+# The base model's prefix: a checkpoint of the base model alone (GPT-2 on the Hub) leaves it out.
+PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "mixtral": "model.", "gpt2": "transformer."}
+
+
+def ignored(cfg: ModelConfig, hf: dict, name: str) -> bool:
+    """Whether HF tensor `name` may be in a checkpoint although no param reads it: a tied head (the
+    embedding itself) or a buffer."""
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return True
+    family = "gpt2" if hf["model_type"] == "gpt2" else "llama"
+    return re.fullmatch(_BUFFERS[family], name) is not None
 
 
 def llama_bias_flags(cfg: ModelConfig, params: dict) -> dict:
