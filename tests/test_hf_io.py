@@ -411,3 +411,25 @@ def test_hub_layouts_load_like_save_pretrained(name, tmp_path):
     _, got = load_pretrained(str(tmp_path / "hub"))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_export_puts_circular_pipeline_layers_in_order_and_cuts_vocab_padding(tmp_path):
+    """A pipelined (2 stages x 2 repeats, layers stored [R, S, K, ...]) model with a padded vocabulary
+    exports the same directory as its plain layer-order, unpadded params."""
+    import dataclasses
+
+    import jax
+
+    from tpullm.models import pipeline
+
+    hf_model = test_hf_parity.build_hf("llama")
+    hf_model.config.num_hidden_layers = 4
+    hf_model = type(hf_model)(hf_model.config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    cfg, padded = load_pretrained(str(tmp_path / "hf"), vocab_pad_multiple=48)
+    assert padded["token_embed"]["embedding"].shape[0] == 144 > cfg.vocab_size
+    piped_cfg = dataclasses.replace(cfg, pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=2)
+    piped = pipeline.from_natural_layers(padded, piped_cfg)
+    assert piped["layers"]["attn_norm"]["scale"].shape[:3] == (2, 2, 1)
+    save_pretrained(piped_cfg, jax.tree.map(np.asarray, piped), str(tmp_path / "ours"))
+    assert_state_dicts_bitwise_equal(state_dict(from_pretrained(str(tmp_path / "ours"))), state_dict(hf_model))
