@@ -207,6 +207,11 @@ def test_fsdp_load_equals_the_unsharded_load(fsdp_results):
     assert fsdp_results["equal"] == fsdp_results["params"]
 
 
+def test_fsdp_and_tensor_parallel_load_equals_the_unsharded_load(fsdp_results):
+    assert fsdp_results["tensor_split_params"] >= 7  # q, k, v, out, gate, up, down (and the vocab tables)
+    assert fsdp_results["tensor_equal"] == fsdp_results["params"]
+
+
 def test_fsdp_load_reads_only_each_devices_slices(fsdp_results):
     """Each element of each HF tensor is read once; a tensor whose param is split over fsdp=8 is
     read in 8 slices of an eighth, one per device (replicated params are read once for all)."""
@@ -252,9 +257,14 @@ def _fsdp_child(out_path, hf_path):
     reads: dict = {}
     for name, index in log:
         reads.setdefault(name, []).append(math.prod(stop - start for start, stop in index))
+    # fsdp=4 x tensor=2: heads and the MLP width split too (read as whole heads out of HF's fused axis)
+    tp_mesh = Mesh(np.asarray(jax.devices()).reshape(1, 1, 4, 1, 2, 1), MESH_AXES)
+    tp = paths(load_pretrained(hf_path, mesh=tp_mesh)[1])
     results = {
         "params": len(whole),
         "equal": sum(np.array_equal(np.asarray(sharded[p]), np.asarray(whole[p])) for p in whole),
+        "tensor_split_params": sum("tensor" in jax.tree.leaves(tuple(a.sharding.spec)) for a in tp.values()),
+        "tensor_equal": sum(np.array_equal(np.asarray(tp[p]), np.asarray(whole[p])) for p in whole),
         "fsdp_split_params": sum("fsdp" in jax.tree.leaves(tuple(a.sharding.spec)) for a in sharded.values()),
         "split": split,
         "sizes": sizes,
@@ -433,3 +443,25 @@ def test_export_puts_circular_pipeline_layers_in_order_and_cuts_vocab_padding(tm
     assert piped["layers"]["attn_norm"]["scale"].shape[:3] == (2, 2, 1)
     save_pretrained(piped_cfg, jax.tree.map(np.asarray, piped), str(tmp_path / "ours"))
     assert_state_dicts_bitwise_equal(state_dict(from_pretrained(str(tmp_path / "ours"))), state_dict(hf_model))
+
+
+def test_export_refuses_models_no_hf_family_computes():
+    from tpullm.config import ModelConfig
+    from tpullm.interop.hf_config import model_type_of
+
+    with pytest.raises(ValueError, match="moe_every=2 .Mixtral has experts in every layer"):
+        model_type_of(ModelConfig(num_experts=4, moe_every=2, num_layers=4).resolve())
+    gpt2_like = dict(norm="layernorm", norm_bias=True, mlp="gelu", positions="learned", qkv_bias=True, dense_bias=True)
+    with pytest.raises(ValueError, match="grouped-query attention with layernorm"):
+        model_type_of(ModelConfig(**gpt2_like, num_kv_heads=2).resolve())
+
+
+def test_init_from_a_missing_directory_is_a_config_error():
+    from configs import demo
+    from tpullm.config import ConfigError
+    from tpullm.config import validate as validate_config
+
+    c = demo.get_config("smoke")
+    c.train.init_from = "hf:/no/such/dir"
+    with pytest.raises(ConfigError, match="train.init_from='hf:/no/such/dir': /no/such/dir is not a directory"):
+        validate_config(c)

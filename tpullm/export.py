@@ -20,7 +20,7 @@ from tpullm import cli, data
 from tpullm.checkpoint import load, manager
 from tpullm.config import ModelConfig
 from tpullm.errors import UserError, check_writable
-from tpullm.interop import hf_export
+from tpullm.interop import hf_config, hf_export
 
 FORMATS = ("tpullm", "hf")
 
@@ -51,10 +51,15 @@ def export_hf(workdir: str, out: str, step: int | None = None, dtype: str = "flo
     """Writes the params of `step` (default newest) in `workdir` (a workdir or a tpullm export) to
     `out` as a Hugging Face model directory; returns `out`."""
     config = manager.read_config(workdir)
+    model_cfg = ModelConfig.from_any(config.model).resolve()
+    try:
+        hf_config.model_type_of(model_cfg)
+    except ValueError as e:
+        raise UserError(f"{workdir}: {e}") from e
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     special_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     return hf_export.save_pretrained(
-        ModelConfig.from_any(config.model).resolve(),
+        model_cfg,
         load.load_params(workdir, step),
         out,
         dtype=dtype,
