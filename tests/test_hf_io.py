@@ -210,6 +210,7 @@ def test_fsdp_load_equals_the_unsharded_load(fsdp_results):
 def test_fsdp_and_tensor_parallel_load_equals_the_unsharded_load(fsdp_results):
     assert fsdp_results["tensor_split_params"] >= 7  # q, k, v, out, gate, up, down (and the vocab tables)
     assert fsdp_results["tensor_equal"] == fsdp_results["params"]
+    assert fsdp_results["padded_ok"]  # and with vocab padding, the padding rows zeros
 
 
 def test_fsdp_load_reads_only_each_devices_slices(fsdp_results):
@@ -260,7 +261,16 @@ def _fsdp_child(out_path, hf_path):
     # fsdp=4 x tensor=2: heads and the MLP width split too (read as whole heads out of HF's fused axis)
     tp_mesh = Mesh(np.asarray(jax.devices()).reshape(1, 1, 4, 1, 2, 1), MESH_AXES)
     tp = paths(load_pretrained(hf_path, mesh=tp_mesh)[1])
+    # vocab padded to 512 rows: the second tensor-parallel half of each table is padding alone
+    padded = paths(load_pretrained(hf_path, mesh=tp_mesh, vocab_pad_multiple=512)[1])
+    tables = {"token_embed/embedding": 0, "lm_head/kernel": 1}
+    padded_ok = all(
+        np.array_equal(np.asarray(padded[t]).take(range(128), axis), np.asarray(whole[t]))
+        and not np.asarray(padded[t]).take(range(128, 512), axis).any()
+        for t, axis in tables.items()
+    )
     results = {
+        "padded_ok": padded_ok,
         "params": len(whole),
         "equal": sum(np.array_equal(np.asarray(sharded[p]), np.asarray(whole[p])) for p in whole),
         "tensor_split_params": sum("tensor" in jax.tree.leaves(tuple(a.sharding.spec)) for a in tp.values()),

@@ -110,10 +110,10 @@ def _reader(cfg: ModelConfig, row: hf_tensors.Tensor, directory: HFDirectory, sh
     def unit(lead_index, index):
         name = row.name(lead_index)
         clipped = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index, unpadded[row.lead :]))
-        if name in directory.shape:
+        if name in directory.shape and all(c.stop > c.start for c in clipped):
             hf_index, after = row.hf_slices(cfg, clipped, directory.shape[name])
             piece = row.to_ours(cfg, directory.read(name, hf_index))[after].astype(dtype)
-        else:  # zero_if_absent
+        else:  # zero_if_absent, or a piece of vocab padding alone
             piece = np.zeros([s.stop - s.start for s in clipped], dtype)
         pad = [(0, (s.stop - s.start) - (c.stop - c.start)) for s, c in zip(index, clipped)]
         return np.pad(piece, pad) if any(p for _, p in pad) else piece
