@@ -17,6 +17,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "grain>=0.2.12,<0.3",
         "pyarrow>=15,<27",  # Parquet sources (tpullm.data.sources)
+        "safetensors>=0.4.3,<0.9",  # Hugging Face model directories (tpullm.interop)
         "tensorboardX>=2.6,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",

@@ -66,6 +66,18 @@ FAMILIES = {
     "llama": llama(),
     "llama_attention_bias": llama(attention_bias=True),  # q, k, v and o_proj biases
     "llama_mlp_bias": llama(mlp_bias=True, rope_theta=500000.0, head_dim=32),
+    # Llama 3.1's RoPE scaling changes the low frequencies at every position (tests/test_rope_scaling.py
+    # covers each rule beyond the original context)
+    "llama3_rope": llama(
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 100.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    ),
     "mistral": mistral(),  # sliding window 8 < LENGTH: the window matters
     "qwen2": qwen2(),
     "qwen2_sliding": qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0),

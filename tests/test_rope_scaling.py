@@ -80,17 +80,24 @@ def test_scaled_rope_logits_match_hf_beyond_the_original_context(name):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_rope_fields_round_trip_through_an_hf_config(name):
-    """What an export writes (legacy rope_theta + rope_scaling) reads back as the same fields."""
+    """What an export writes reads back as the same fields, in the keys transformers 4 reads (rope_theta,
+    rope_scaling) and in those transformers 5 reads (rope_parameters)."""
     cfg = config_from_hf(hf_model(name).config)
     family, _ = VARIANTS[name]
     written = rope_scaling.to_hf(cfg)
-    config = getattr(transformers, f"{family}Config")(**{**SHAPE, "max_position_embeddings": cfg.max_length}, **written)
     fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("rope_")]
-    assert {f: getattr(config_from_hf(config), f) for f in fields} == {f: getattr(cfg, f) for f in fields}
+    for keys in (("rope_theta", "rope_scaling"), ("rope_parameters",)):
+        shape = {**SHAPE, "max_position_embeddings": cfg.max_length}
+        config = getattr(transformers, f"{family}Config")(**shape, **{k: written[k] for k in keys})
+        assert {f: getattr(config_from_hf(config), f) for f in fields} == {f: getattr(cfg, f) for f in fields}
 
 
 def test_unscaled_config_writes_no_scaling():
-    assert rope_scaling.to_hf(ModelConfig(rope_theta=5e5)) == {"rope_theta": 5e5, "rope_scaling": None}
+    assert rope_scaling.to_hf(ModelConfig(rope_theta=5e5)) == {
+        "rope_theta": 5e5,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+    }
 
 
 @pytest.mark.parametrize(

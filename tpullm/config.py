@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 
 import ml_collections
 
@@ -356,6 +357,10 @@ def default_config() -> ml_collections.ConfigDict:
     # comma-separated (e.g. "train.batch_size,model.rope_theta"); checkpoint/config_change.py.
     c.train.allow_changes = ""
     c.train.profile_steps = 0  # trace this many steps after the first (compiled) one to <workdir>/profile
+    # Weights a fresh run starts from (a resumed run ignores it): "hf:/path" (a Hugging Face model
+    # directory; its tokenizer.model becomes data.tokenizer) or "/path" (a tpullm workdir or export).
+    # The model section must describe the same architecture (tpullm/training/init_from.py).
+    c.train.init_from = ""
     # The sample `python -m tpullm.train` prints at the end of a run (sample_tokens=0: none).
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 200
@@ -521,6 +526,15 @@ def unknown_key(config: ml_collections.ConfigDict, key: str, prefix: str = "conf
     return f"{prefix}.{key} is not a config key: {found} has no {parts[depth]!r}; {hint}"
 
 
+def _validate_init_from(init_from: str) -> None:
+    path = init_from[len("hf:") :] if init_from.startswith("hf:") else init_from
+    if init_from and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(
+            f"train.init_from={init_from!r}: {path} is not a directory; give hf:/path/to/hf_model_dir or the "
+            f"path of a tpullm workdir or export"
+        )
+
+
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     """Checks a whole run config; returns its resolved ModelConfig."""
     model = ModelConfig.from_any(c.model).resolve()
@@ -551,6 +565,7 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
             f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "
             f"position table; raise model.max_length or shorten data.seq_len"
         )
+    _validate_init_from(t.init_from)
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)

@@ -1,11 +1,14 @@
 """Export a training checkpoint's params alone: no optimizer state (two Adam moments, about twice
-the params' size), so the export is about a third of the checkpoint, and it loads anywhere with
-`tpullm.checkpoint.load_params(OUT)` / `load_model(OUT)`.
+the params' size), so the export is about a third of the checkpoint.
 
     python -m tpullm.export --workdir=/tmp/run [--step=N] --out=/tmp/run_export
+    python -m tpullm.export --workdir=/tmp/run --format=hf --out=/tmp/run_hf [--dtype=bfloat16] [--max_shard_size=2GB]
 
-OUT gets `config.json` (the run's config) and `params/` (an Orbax pytree). An existing OUT is
-never overwritten.
+`--format=tpullm` (the default): OUT gets `config.json` (the run's config) and `params/` (an Orbax
+pytree), and loads anywhere with `tpullm.checkpoint.load_params(OUT)` / `load_model(OUT)`.
+`--format=hf`: OUT is a Hugging Face model directory that `transformers.AutoModelForCausalLM.
+from_pretrained(OUT)` opens (tpullm/interop/hf_export.py), with the run's sentencepiece model as its
+tokenizer. An existing OUT is never overwritten.
 """
 
 import os
@@ -13,13 +16,20 @@ import os
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from tpullm import cli
+from tpullm import cli, data
 from tpullm.checkpoint import load, manager
+from tpullm.config import ModelConfig
 from tpullm.errors import UserError, check_writable
+from tpullm.interop import hf_config, hf_export
+
+FORMATS = ("tpullm", "hf")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint's step (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "A new directory for the export.")
+_FORMAT = flags.DEFINE_enum("format", "tpullm", FORMATS, "tpullm: Orbax params; hf: a Hugging Face directory.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", tuple(hf_export.DTYPES), "--format=hf: the tensors' dtype.")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "--format=hf: the largest safetensors file.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -37,12 +47,37 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     return out
 
 
+def export_hf(workdir: str, out: str, step: int | None = None, dtype: str = "float32", max_shard_size="5GB") -> str:
+    """Writes the params of `step` (default newest) in `workdir` (a workdir or a tpullm export) to
+    `out` as a Hugging Face model directory; returns `out`."""
+    config = manager.read_config(workdir)
+    model_cfg = ModelConfig.from_any(config.model).resolve()
+    try:
+        hf_config.model_type_of(model_cfg)
+    except ValueError as e:
+        raise UserError(f"{workdir}: {e}") from e
+    tokenizer = data.load_tokenizer(config.data.tokenizer)
+    special_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    return hf_export.save_pretrained(
+        model_cfg,
+        load.load_params(workdir, step),
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        special_ids=special_ids,
+        tokenizer_model=getattr(tokenizer, "path", None),
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     check_writable(os.path.dirname(os.path.abspath(_OUT.value)), "the directory of --out")
-    out = export(_WORKDIR.value, _OUT.value, _STEP.value)
-    print(f"exported the params of {_WORKDIR.value} to {out}")
+    if _FORMAT.value == "hf":
+        out = export_hf(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, _MAX_SHARD_SIZE.value)
+    else:
+        out = export(_WORKDIR.value, _OUT.value, _STEP.value)
+    print(f"exported the params of {_WORKDIR.value} to {out} ({_FORMAT.value} format)")
 
 
 if __name__ == "__main__":

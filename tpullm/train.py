@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from tpullm import cli, data
 from tpullm.inference.sampling import SamplingParams
 from tpullm.inference.text import complete_texts
+from tpullm.interop import init_from
 from tpullm.parallel import distributed
 from tpullm.training.loop import log, train
 
@@ -34,7 +35,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     distributed.initialize(distributed.resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
     config = _CONFIG.value
-    train(config, _WORKDIR.value, on_finish=lambda model, params: print_sample(config, model, params))
+    init_source = init_from.resolve(config.train.init_from) if config.train.init_from else None
+    train(
+        config,
+        _WORKDIR.value,
+        on_finish=lambda model, params: print_sample(config, model, params),
+        init_source=init_source,
+    )
 
 
 def print_sample(config, model, params) -> None:

@@ -1,351 +1,67 @@
-"""Hugging Face transformers -> tpullm: a ModelConfig and a param pytree from a torch model.
+"""Hugging Face transformers -> tpullm: a ModelConfig and a param pytree from a model directory or a
+live torch model.
 
-    cfg, params = from_hf(hf_model)  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel,
-                                     # MixtralForCausalLM
+    cfg, params = load_pretrained("/path/to/hf_dir")              # config.json + *.safetensors, no torch
+    cfg, params = load_pretrained("/path/to/hf_dir", mesh=mesh)   # straight into the rules' layout
+    cfg, params = from_hf(hf_model)  # a LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+                                     # GPT2LMHeadModel or MixtralForCausalLM object
     logits = models.build(cfg).apply({"params": params}, tokens)
 
-Each family has two small functions: one maps the HF config to a ModelConfig (refusing, with
-a ValueError naming the feature, anything our Decoder cannot represent), one maps the torch
-state_dict to our param tree. Per-layer weights are stacked along a new leading `layers`
-axis, as `nn.scan` stores them. Every state_dict entry must be used, and the result must
-have exactly the structure and shapes of `models.init_params(models.build(cfg), key)`.
+The mapping is one table (hf_config.py for the config, hf_tensors.py for the tensors), used by
+this import and by the export (hf_export.py). Every HF tensor must be used, every param must come
+from one, and shapes must be what config.json implies; each violation is an error naming the
+tensor and its file. `from_hf` saves the live model with its own `save_pretrained` into a temporary
+directory and loads that, so a torch model and a directory go through the same table.
 
-torch and transformers are not imported here: a model object is passed in, and its tensors
-are read through their own methods, so importing this module costs neither.
+Each param is built by `jax.make_array_from_callback`: for every local device the callback reads,
+from the shards, only the slices of the HF tensors that the device's piece of the param needs
+(the piece the logical-axis rules give under `mesh`; the whole param without a mesh). No process
+holds more than one param piece at a time besides what it keeps.
+
+Neither torch nor transformers is imported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import itertools
+import tempfile
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tpullm import models
 from tpullm.config import ModelConfig
-from tpullm.interop import rope_scaling
-from tpullm.interop.vocab import pad_vocab
+from tpullm.interop import hf_config, hf_tensors
+from tpullm.interop.hf_dir import HFDirectory
+from tpullm.parallel import rules
 
-# ---------------------------------------------------------------------------------------------
-# Shared helpers
-
-
-class _StateDict:
-    """The float32 numpy weights of an HF model; remembers which entries were read."""
-
-    def __init__(self, hf_model):
-        self.arrays = {name: t.detach().float().cpu().numpy() for name, t in hf_model.state_dict().items()}
-        self.used: set[str] = set()
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.arrays:
-            raise ValueError(
-                f"the HF state_dict has no {name!r}; from_hf expects a *ForCausalLM / *LMHeadModel "
-                f"(with its language-model head), not a bare base model"
-            )
-        self.used.add(name)
-        return self.arrays[name]
-
-    def stack(self, template: str, num_layers: int, fn: Callable[[np.ndarray], np.ndarray] = lambda w: w):
-        """fn(weight of layer i) for every layer, stacked along a new leading axis.
-
-        template names a per-layer entry with `{}` for the layer index.
-        """
-        return np.stack([fn(self.get(template.format(i))) for i in range(num_layers)])
-
-    def mark_used(self, name: str) -> None:
-        """An entry that is deliberately not converted (e.g. a head tied to the embedding)."""
-        self.used.add(name)
-
-    def check_all_used(self, model_type: str) -> None:
-        unused = sorted(set(self.arrays) - self.used)
-        if unused:
-            raise ValueError(
-                f"{model_type}: the HF state_dict has weights the converted model would drop: {unused[:8]}"
-                f"{' ...' if len(unused) > 8 else ''}; this checkpoint uses a feature from_hf does not map"
-            )
+SUPPORTED_MODEL_TYPES = hf_config.SUPPORTED_MODEL_TYPES
 
 
-def _linear_in_heads(heads: int, head_dim: int):
-    """torch Linear weight [heads*head_dim, embed] -> DenseGeneral kernel [embed, heads, head_dim]."""
-    return lambda w: w.T.reshape(w.shape[1], heads, head_dim)
+def config_from_hf(hf_config_obj, vocab_pad_multiple: int = 1) -> ModelConfig:
+    """The resolved ModelConfig of an HF config (a transformers config object or a config.json
+    dict), its tables padded to a multiple of `vocab_pad_multiple` rows (see ModelConfig)."""
+    return hf_config.to_model_config(hf_config.as_dict(hf_config_obj), vocab_pad_multiple)
 
 
-def _linear_out_heads(heads: int, head_dim: int):
-    """torch Linear weight [embed, heads*head_dim] -> out kernel [heads, head_dim, embed]."""
-    return lambda w: w.T.reshape(heads, head_dim, w.shape[0])
+def _path(key_path) -> str:
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
-def _heads(heads: int, head_dim: int):
-    """A [heads*head_dim] bias (or a Conv1D [in, heads*head_dim] weight) split into heads."""
-    return lambda w: w.reshape(*w.shape[:-1], heads, head_dim)
-
-
-def _transpose(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
-def _require(ok: bool, hf_config, feature: str) -> None:
-    if not ok:
-        raise ValueError(f"{hf_config.model_type}: {feature} is not supported by tpullm's Decoder")
-
-
-def _llama_like_config(c, *, qkv_bias: bool, dense_bias: bool, sliding_window: int) -> ModelConfig:
-    """The fields LLaMA, Mistral and Qwen2 configs share."""
-    _require(c.hidden_act in ("silu", "swish"), c, f"hidden_act={c.hidden_act!r} (only silu, i.e. SwiGLU)")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return ModelConfig(
-        vocab_size=c.vocab_size,
-        embed_dim=c.hidden_size,
-        num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads,
-        num_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-        head_dim=head_dim,
-        mlp_dim=c.intermediate_size,
-        mlp="swiglu",
-        norm="rmsnorm",
-        norm_eps=c.rms_norm_eps,
-        positions="rope",
-        **rope_scaling.from_hf(c),
-        max_length=c.max_position_embeddings,
-        qkv_bias=qkv_bias,
-        dense_bias=dense_bias,
-        sliding_window=sliding_window,
-        tie_embeddings=bool(c.tie_word_embeddings),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# LLaMA, Mistral, Qwen2: one weight layout (q/k/v/o_proj, gate/up/down_proj, RMSNorm)
-
-
-def _llama_config(c) -> ModelConfig:
-    # attention_bias puts a bias on q, k, v AND o_proj; mlp_bias on gate, up and down. Our
-    # dense_bias covers o_proj and the MLP together, so either flag alone turns it on and the
-    # biases HF does not have are converted as zeros (the same function).
-    attention_bias, mlp_bias = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
-    return _llama_like_config(c, qkv_bias=attention_bias, dense_bias=attention_bias or mlp_bias, sliding_window=0)
-
-
-def _mistral_config(c) -> ModelConfig:
-    return _llama_like_config(c, qkv_bias=False, dense_bias=False, sliding_window=c.sliding_window or 0)
-
-
-def _qwen2_config(c) -> ModelConfig:
-    # HF sets config.sliding_window to None unless use_sliding_window, and gives each layer a
-    # type: "sliding_attention" layers (from max_window_layers on) use the window, the rest do not.
-    layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
-    windows = {(c.sliding_window or 0) if t == "sliding_attention" else 0 for t in layer_types}
-    _require(len(windows) == 1, c, f"a mix of sliding-window and full-attention layers (layer_types={layer_types})")
-    return _llama_like_config(c, qkv_bias=True, dense_bias=False, sliding_window=windows.pop())
-
-
-def _llama_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
-    """Weights of LlamaForCausalLM and its relatives (Mistral, Qwen2): missing biases are zeros."""
-    n, h, kv, d = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    layer = "model.layers.{}."
-
-    def maybe_bias(name: str, shape: tuple[int, ...], fn=lambda b: b):
-        """The stacked bias, or zeros where HF has none but our dense_bias needs one."""
-        if layer.format(0) + name in sd.arrays:
-            return sd.stack(layer + name, n, fn)
-        return np.zeros((n, *shape), np.float32)
-
-    def projection(name: str, heads: int) -> dict:
-        p = {"kernel": sd.stack(layer + f"self_attn.{name}.weight", n, _linear_in_heads(heads, d))}
-        if cfg.qkv_bias:
-            p["bias"] = sd.stack(layer + f"self_attn.{name}.bias", n, _heads(heads, d))
-        return p
-
-    def dense(name: str, features: int) -> dict:
-        p = {"kernel": sd.stack(layer + f"{name}.weight", n, _transpose)}
-        if cfg.dense_bias:
-            p["bias"] = maybe_bias(f"{name}.bias", (features,))
-        return p
-
-    out = {"kernel": sd.stack(layer + "self_attn.o_proj.weight", n, _linear_out_heads(h, d))}
-    if cfg.dense_bias:
-        out["bias"] = maybe_bias("self_attn.o_proj.bias", (cfg.embed_dim,))
-    params = {
-        "token_embed": {"embedding": sd.get("model.embed_tokens.weight")},
-        "layers": {
-            "attn_norm": {"scale": sd.stack(layer + "input_layernorm.weight", n)},
-            "attention": {
-                "query": projection("q_proj", h),
-                "key": projection("k_proj", kv),
-                "value": projection("v_proj", kv),
-                "out": out,
-            },
-            "mlp_norm": {"scale": sd.stack(layer + "post_attention_layernorm.weight", n)},
-        },
-        "final_norm": {"scale": sd.get("model.norm.weight")},
-    }
-    if cfg.num_experts:  # Mixtral
-        params["layers"]["moe"] = _mixtral_experts(cfg, sd)
-    else:
-        params["layers"]["mlp"] = {
-            "gate": dense("mlp.gate_proj", cfg.mlp_dim),
-            "up": dense("mlp.up_proj", cfg.mlp_dim),
-            "down": dense("mlp.down_proj", cfg.embed_dim),
-        }
-    _lm_head(cfg, sd, params)
-    return params
-
-
-# ---------------------------------------------------------------------------------------------
-# Mixtral: Mistral's attention, and in every layer a router (mlp.gate) and experts stored as 3-D
-# tensors (transformers 5: experts.gate_up_proj [E, 2*mlp, embed], experts.down_proj [E, embed, mlp])
-
-
-def _mixtral_config(c) -> ModelConfig:
-    # HF renormalizes the chosen gates even for one expert per token (the gate is then 1), where
-    # tpullm follows Switch and keeps the raw probability; they agree from 2 experts up.
-    _require(c.num_experts_per_tok >= 2, c, f"num_experts_per_tok={c.num_experts_per_tok} (HF's top-1 gate is 1)")
-    base = _llama_like_config(c, qkv_bias=False, dense_bias=False, sliding_window=c.sliding_window or 0)
-    return dataclasses.replace(
-        base,
-        num_experts=c.num_local_experts,
-        experts_per_token=c.num_experts_per_tok,
-        moe_every=1,
-        moe_dispatch="dropless",
-        router_aux_loss=float(c.router_aux_loss_coef),
-        router_z_loss=0.0,
-        router_jitter=float(c.router_jitter_noise),
-    )
-
-
-def _mixtral_experts(cfg: ModelConfig, sd: _StateDict) -> dict:
-    """The `moe` params of every layer, stacked: router [n, embed, E], experts [n, E, ...]."""
-    n, f = cfg.num_layers, cfg.mlp_dim
-    layer = "model.layers.{}."
-    gate_up = sd.stack(layer + "mlp.experts.gate_up_proj", n)  # [n, E, 2*mlp, embed]; gate rows, then up
-    return {
-        "router": {"kernel": sd.stack(layer + "mlp.gate.weight", n, _transpose)},
-        "gate": gate_up[:, :, :f, :].transpose(0, 1, 3, 2),  # [n, E, embed, mlp]
-        "up": gate_up[:, :, f:, :].transpose(0, 1, 3, 2),
-        "down": sd.stack(layer + "mlp.experts.down_proj", n).transpose(0, 1, 3, 2),  # [n, E, mlp, embed]
-    }
-
-
-def _lm_head(cfg: ModelConfig, sd: _StateDict, params: dict) -> None:
-    if cfg.tie_embeddings:
-        sd.mark_used("lm_head.weight")  # the same tensor as the token embedding
-    else:
-        params["lm_head"] = {"kernel": sd.get("lm_head.weight").T}
-
-
-# ---------------------------------------------------------------------------------------------
-# GPT-2: Conv1D weights stored [in, out], fused c_attn, learned positions, LayerNorm with bias
-
-
-def _gpt2_config(c) -> ModelConfig:
-    _require(
-        c.activation_function in ("gelu_new", "gelu_pytorch_tanh"),
-        c,
-        f"activation_function={c.activation_function!r} (only the tanh GELU: gelu_new)",
-    )
-    _require(c.scale_attn_weights, c, "scale_attn_weights=False (unscaled attention scores)")
-    _require(not c.scale_attn_by_inverse_layer_idx, c, "scale_attn_by_inverse_layer_idx=True")
-    _require(not c.add_cross_attention, c, "add_cross_attention=True")
-    return ModelConfig(
-        vocab_size=c.vocab_size,
-        embed_dim=c.n_embd,
-        num_layers=c.n_layer,
-        num_heads=c.n_head,
-        num_kv_heads=c.n_head,
-        head_dim=c.n_embd // c.n_head,
-        mlp_dim=c.n_inner or 4 * c.n_embd,
-        mlp="gelu",
-        norm="layernorm",
-        norm_bias=True,
-        norm_eps=c.layer_norm_epsilon,
-        positions="learned",
-        max_length=c.n_positions,
-        qkv_bias=True,
-        dense_bias=True,
-        sliding_window=0,
-        tie_embeddings=bool(c.tie_word_embeddings),
-    )
-
-
-def _gpt2_weights(cfg: ModelConfig, sd: _StateDict) -> dict:
-    n, h, d, e = cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.embed_dim
-    layer = "transformer.h.{}."
-
-    def qkv(which: int) -> dict:
-        """Slice `which` (0: q, 1: k, 2: v) of the fused c_attn, whose output is [q | k | v]."""
-        part = lambda w: _heads(h, d)(w[..., which * e : (which + 1) * e])  # noqa: E731
-        return {
-            "kernel": sd.stack(layer + "attn.c_attn.weight", n, part),
-            "bias": sd.stack(layer + "attn.c_attn.bias", n, part),
-        }
-
-    def norm(template: str, stacked: bool = True) -> dict:
-        get = (lambda name: sd.stack(template + name, n)) if stacked else (lambda name: sd.get(template + name))
-        return {"scale": get("weight"), "bias": get("bias")}
-
-    def conv1d(name: str, fn=lambda w: w) -> dict:  # Conv1D weight is already [in, out]
-        return {"kernel": sd.stack(layer + f"{name}.weight", n, fn), "bias": sd.stack(layer + f"{name}.bias", n)}
-
-    params = {
-        "token_embed": {"embedding": sd.get("transformer.wte.weight")},
-        "pos_embed": {"embedding": sd.get("transformer.wpe.weight")},
-        "layers": {
-            "attn_norm": norm(layer + "ln_1."),
-            "attention": {
-                "query": qkv(0),
-                "key": qkv(1),
-                "value": qkv(2),
-                "out": conv1d("attn.c_proj", lambda w: w.reshape(h, d, e)),
-            },
-            "mlp_norm": norm(layer + "ln_2."),
-            "mlp": {"up": conv1d("mlp.c_fc"), "down": conv1d("mlp.c_proj")},
-        },
-        "final_norm": norm("transformer.ln_f.", stacked=False),
-    }
-    _lm_head(cfg, sd, params)
-    return params
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points
-
-_FAMILIES: dict[str, tuple[Callable, Callable]] = {
-    "llama": (_llama_config, _llama_weights),
-    "mistral": (_mistral_config, _llama_weights),
-    "qwen2": (_qwen2_config, _llama_weights),
-    "gpt2": (_gpt2_config, _gpt2_weights),
-    "mixtral": (_mixtral_config, _llama_weights),
-}
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
-
-
-def _family(model_type):
-    if model_type not in _FAMILIES:
-        raise ValueError(
-            f"unsupported HF model_type {model_type!r}; from_hf supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    return _FAMILIES[model_type]
-
-
-def config_from_hf(hf_config, vocab_pad_multiple: int = 1) -> ModelConfig:
-    """The resolved ModelConfig of an HF config (LlamaConfig, MistralConfig, Qwen2Config, GPT2Config,
-    MixtralConfig), its tables padded to a multiple of `vocab_pad_multiple` rows (see ModelConfig)."""
-    config_fn, _ = _family(getattr(hf_config, "model_type", None))
-    return dataclasses.replace(config_fn(hf_config), vocab_pad_multiple=vocab_pad_multiple).resolve()
+def _abstract(cfg: ModelConfig):
+    """{param path: ShapeDtypeStruct} and the boxed abstract params (for the rules' shardings)."""
+    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+    boxed = jax.eval_shape(models.build(cfg).init, jax.random.key(0), tokens)["params"]
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]
+    return {_path(k): v for k, v in flat}, boxed
 
 
 def _check_structure(cfg: ModelConfig, params: dict) -> None:
     """Raises unless params have exactly the paths and shapes of a freshly initialized Decoder."""
-    model = models.build(cfg)
-    expected = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-
-    def shapes(tree):
-        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-    want, got = shapes(expected), shapes(params)
+    want = {k: tuple(v.shape) for k, v in _abstract(cfg)[0].items()}
+    got = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     problems = [f"missing {k} {v}" for k, v in want.items() if k not in got]
     problems += [f"unexpected {k} {v}" for k, v in got.items() if k not in want]
     problems += [f"{k}: converted {got[k]}, model expects {v}" for k, v in want.items() if k in got and got[k] != v]
@@ -353,22 +69,133 @@ def _check_structure(cfg: ModelConfig, params: dict) -> None:
         raise ValueError("converted params do not match the tpullm Decoder: " + "; ".join(problems))
 
 
+def _check_table(cfg: ModelConfig, hf: dict, table, shapes: dict, directory: HFDirectory) -> None:
+    """Every param has one row, every HF tensor is read, every shape is what config.json implies."""
+    model_type = hf["model_type"]
+    by_path = {row.ours: row for row in table}
+    problems = [f"no HF tensor maps to {p}" for p in shapes if p not in by_path]
+    problems += [f"{p} is not a param of the model" for p in by_path if p not in shapes]
+    if problems:
+        raise ValueError(f"{model_type}: the mapping table does not fit the model: " + "; ".join(problems))
+    expected = set()
+    for row in table:
+        unit_shape = shapes[row.ours].shape[row.lead :]
+        for name in row.names(cfg):
+            expected.add(name)
+            if name not in directory.shape:
+                if row.zero_if_absent:
+                    continue
+                raise ValueError(
+                    f"{model_type}: tensor {name!r} (for {row.ours}) is in none of {directory.path}'s shards"
+                )
+            want = row.hf_shape(cfg, unit_shape)
+            if directory.shape[name] != want:
+                raise ValueError(
+                    f"{model_type}: tensor {name!r} in {directory.where(name)} has shape "
+                    f"{list(directory.shape[name])}, but config.json implies {list(want)}"
+                )
+    unused = sorted(n for n in set(directory.shape) - expected if not hf_tensors.ignored(cfg, hf, n))
+    if unused:
+        raise ValueError(
+            f"{model_type}: {directory.path} has tensors the converted model would drop: {unused[:8]}"
+            f"{' ...' if len(unused) > 8 else ''}; this checkpoint uses a feature tpullm does not map"
+        )
+
+
+def _reader(cfg: ModelConfig, row: hf_tensors.Tensor, directory: HFDirectory, shape: tuple, unpadded: tuple, dtype):
+    """callback(index) -> the numpy piece `index` of our param of `shape`, read slice by slice from the
+    shards. `unpadded` is its shape with the HF vocabulary: rows past it (vocab padding) are zeros."""
+    cache = {}  # devices holding the same piece (replicas) share one read
+
+    def unit(lead_index, index):
+        name = row.name(lead_index)
+        clipped = tuple(slice(min(s.start, n), min(s.stop, n)) for s, n in zip(index, unpadded[row.lead :]))
+        if name in directory.shape and all(c.stop > c.start for c in clipped):
+            hf_index, after = row.hf_slices(cfg, clipped, directory.shape[name])
+            piece = row.to_ours(cfg, directory.read(name, hf_index))[after].astype(dtype)
+        else:  # zero_if_absent, or a piece of vocab padding alone
+            piece = np.zeros([s.stop - s.start for s in clipped], dtype)
+        pad = [(0, (s.stop - s.start) - (c.stop - c.start)) for s, c in zip(index, clipped)]
+        return np.pad(piece, pad) if any(p for _, p in pad) else piece
+
+    def callback(index):
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in cache:
+            leads = [range(s.start, s.stop) for s in index[: row.lead]]
+            piece = np.empty([s.stop - s.start for s in index], dtype)  # filled one HF tensor at a time
+            for lead in itertools.product(*leads):
+                piece[tuple(i - r.start for i, r in zip(lead, leads))] = unit(lead, index[row.lead :])
+            cache[key] = piece
+        return cache[key]
+
+    return callback
+
+
+def load_pretrained(
+    path: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    vocab_pad_multiple: int = 1,
+    param_dtype: str = "float32",
+    read_log: list | None = None,
+) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of the HF model directory `path` (config.json + *.safetensors), params
+    in `param_dtype` (the ModelConfig's; float32 holds bfloat16 and float16 weights exactly).
+
+    With `mesh`, every param is a global jax.Array laid out as the logical-axis rules ask
+    (tpullm/parallel/rules.py), and each process reads only its devices' slices; without one, each
+    param is a single-device array. `vocab_pad_multiple` > 1 pads the vocab tables with zero rows.
+    `read_log` (a list) receives every (tensor name, ((start, stop), ...)) read from the shards."""
+    directory = HFDirectory(path, read_log)
+    hf = directory.config
+    directory.add_prefix(hf_tensors.PREFIX.get(hf.get("model_type"), ""))
+    cfg = dataclasses.replace(hf_config.to_model_config(hf, vocab_pad_multiple), param_dtype=param_dtype).resolve()
+    table = hf_tensors.rows(cfg, hf)
+    unpadded_cfg = cfg if cfg.padded_vocab_size == cfg.vocab_size else hf_config.to_model_config(hf)
+    unpadded, _ = _abstract(unpadded_cfg)
+    _check_table(unpadded_cfg, hf, table, unpadded, directory)
+    abstract, boxed = _abstract(cfg)
+    if mesh is not None:
+        shardings = jax.tree_util.tree_flatten_with_path(rules.state_shardings(boxed, mesh))[0]
+        shardings = {_path(k): s for k, s in shardings}
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {p: device for p in abstract}
+    arrays = {}
+    for row in table:
+        leaf = abstract[row.ours]
+        read = _reader(cfg, row, directory, leaf.shape, unpadded[row.ours].shape, np.dtype(leaf.dtype))
+        arrays[row.ours] = jax.make_array_from_callback(leaf.shape, shardings[row.ours], read)
+    params = _unflatten(arrays)
+    _check_structure(cfg, params)
+    return cfg, params
+
+
+def _unflatten(flat: dict) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
 def from_hf(hf_model, vocab_pad_multiple: int = 1) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of an HF causal LM, params a plain dict pytree of float32 jnp arrays.
+    """(ModelConfig, params) of an HF causal LM object, params a plain dict pytree of float32 arrays.
 
     Supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel and
-    MixtralForCausalLM (top-2 or more experts per token),
-    dispatching on `hf_model.config.model_type`; raises ValueError for other model types and
-    for config features the Decoder cannot represent (RoPE scaling, per-layer windows, ...).
-    `vocab_pad_multiple` > 1 pads the embedding and logits tables with zero rows (GPT-2's 50257
-    ids to 50304 with 128, so tensor parallelism can split them); the logits of the real ids stay HF's.
+    MixtralForCausalLM (top-2 or more experts per token), dispatching on `hf_model.config.model_type`;
+    raises ValueError for other model types and for config features the Decoder cannot represent
+    (RoPE scaling, per-layer windows, ...). `vocab_pad_multiple` > 1 pads the embedding and logits
+    tables with zero rows (GPT-2's 50257 ids to 50304 with 128, so tensor parallelism can split
+    them); the logits of the real ids stay HF's. The model is written with its own save_pretrained
+    to a temporary directory and read back by `load_pretrained`.
     """
-    hf_config = hf_model.config
-    model_type = getattr(hf_config, "model_type", None)
-    _, weights_fn = _family(model_type)
-    cfg = config_from_hf(hf_config, vocab_pad_multiple)
-    sd = _StateDict(hf_model)
-    params = pad_vocab(cfg, weights_fn(cfg, sd))
-    sd.check_all_used(model_type)
-    _check_structure(cfg, params)
-    return cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    config_from_hf(hf_model.config)  # refuse what cannot be represented before writing anything
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        return load_pretrained(tmp, vocab_pad_multiple=vocab_pad_multiple)

@@ -16,10 +16,10 @@ _TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "
 
 
 def _parameters(hf_config) -> dict:
-    rope = getattr(hf_config, "rope_parameters", None)
+    rope = hf_config.get("rope_parameters")
     if rope is None:
-        rope = dict(getattr(hf_config, "rope_scaling", None) or {})
-        rope.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        rope = dict(hf_config.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
     return dict(rope)
 
 
@@ -35,7 +35,8 @@ def _yarn_attention_factor(rope: dict, factor: float) -> float:
 
 
 def from_hf(hf_config) -> dict:
-    """The ModelConfig `rope_*` fields of an HF config; refuses (ValueError naming it) what tpullm does not
+    """The ModelConfig `rope_*` fields of an HF config (read with `.get(key)` and `.model_type`, as
+    hf_config._Fields gives it); refuses (ValueError naming it) what tpullm does not
     implement: per-layer-type RoPE, partial rotation, other rope types (longrope, ...)."""
     rope, model_type = _parameters(hf_config), hf_config.model_type
     if "rope_theta" not in rope:
@@ -56,11 +57,12 @@ def from_hf(hf_config) -> dict:
     fields = dict(rope_theta=float(rope["rope_theta"]), rope_scaling=_TYPES[rope_type])
     if rope_type == "default":
         return fields
-    original = rope.get("original_max_position_embeddings") or hf_config.max_position_embeddings
-    factor = rope.get("factor") or hf_config.max_position_embeddings / original
+    longest = hf_config.get("max_position_embeddings")
+    original = rope.get("original_max_position_embeddings") or longest
+    factor = rope.get("factor") or longest / original
     fields.update(rope_factor=float(factor))
     if rope_type == "dynamic":  # transformers scales from max_position_embeddings itself
-        fields.update(rope_original_length=int(hf_config.max_position_embeddings))
+        fields.update(rope_original_length=int(longest))
     if rope_type == "llama3":
         fields.update(
             rope_original_length=int(original),
@@ -79,24 +81,33 @@ def from_hf(hf_config) -> dict:
 
 
 def to_hf(cfg: ModelConfig) -> dict:
-    """The config.json entries for cfg's RoPE: `rope_theta` and `rope_scaling` (None without scaling)."""
-    hf_type = {ours: theirs for theirs, ours in _TYPES.items()}[cfg.rope_scaling]
+    """The config.json entries for cfg's RoPE: `rope_theta` and `rope_scaling` (None without scaling), which
+    transformers 4 reads, and the same as `rope_parameters`, which transformers 5 reads."""
     if cfg.rope_scaling == "none":
-        return {"rope_theta": cfg.rope_theta, "rope_scaling": None}
-    scaling = {"rope_type": hf_type, "factor": cfg.rope_factor}
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": None, "rope_parameters": _hf_parameters(cfg)}
+    scaling = {k: v for k, v in _hf_parameters(cfg).items() if k != "rope_theta"}
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling, "rope_parameters": _hf_parameters(cfg)}
+
+
+def _hf_parameters(cfg: ModelConfig) -> dict:
+    hf_type = {ours: theirs for theirs, ours in _TYPES.items()}[cfg.rope_scaling]
+    parameters = {"rope_type": hf_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "none":
+        return parameters
+    parameters["factor"] = cfg.rope_factor
     if cfg.rope_scaling == "llama3":
-        scaling.update(
+        parameters.update(
             original_max_position_embeddings=cfg.rope_original_length,
             low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor,
         )
     if cfg.rope_scaling == "yarn":
-        scaling.update(
+        parameters.update(
             original_max_position_embeddings=cfg.rope_original_length,
             beta_fast=cfg.rope_beta_fast,
             beta_slow=cfg.rope_beta_slow,
             truncate=cfg.rope_truncate,
         )
         if cfg.rope_attention_factor:
-            scaling.update(attention_factor=cfg.rope_attention_factor)
-    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
+            parameters.update(attention_factor=cfg.rope_attention_factor)
+    return parameters

@@ -37,7 +37,7 @@ from tpullm.errors import UserError
 from tpullm.models import Decoder
 from tpullm.parallel import distributed, guard, rules
 from tpullm.parallel import mesh as mesh_lib
-from tpullm.training import flops, validation
+from tpullm.training import flops, init_from, validation
 from tpullm.training import metrics as metrics_lib
 from tpullm.training.optimizer import learning_rate_schedule, make_optimizer
 from tpullm.training.state import TrainState
@@ -173,21 +173,27 @@ def _resume_data(manager, step: int, batches, changes: dict, config) -> None:
     batches.skip(skip)
 
 
-def train(config, workdir: str, on_finish=None) -> dict:
+def train(config, workdir: str, on_finish=None, init_source: init_from.InitSource | None = None) -> dict:
     """Trains `config` in `workdir`; returns the final metrics (including val_loss).
 
     `on_finish(model, params)`, if given, runs at the end of a run that was not preempted, on the
-    mesh (the train command prints a sample with it)."""
+    mesh (the train command prints a sample with it). `init_source` holds the weights a fresh run
+    starts from when `train.init_from` is set (tpullm.interop.init_from.resolve makes it); the run
+    then uses its tokenizer (`config.data.tokenizer` is set in place)."""
     model_cfg = config_lib.validate(config)
+    init_from.check_source_given(config, init_source)
+    if init_source is not None:
+        init_from.check_model(model_cfg, init_source)
+        init_from.with_tokenizer(config, init_source, log)
     errors.check_writable(workdir, "--workdir")
     t = config.train
     with ckpt_lock.hold(workdir, warn):
         manager = ckpt.make_manager(workdir, t.keep_checkpoints, t.keep_period)
         changes = ckpt_config.check_resume(workdir, config, max(manager.all_steps(), default=None), log)
-        return _train(config, model_cfg, workdir, manager, changes, on_finish)
+        return _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
 
 
-def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
+def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source) -> dict:
     t = config.train
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -238,6 +244,10 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish) -> dict:
     start, state = ckpt_resume.restore_newest(manager, setup.abstract_state, warn=warn)
     if start is None:
         state = setup.init_state(jax.random.key(t.seed))
+        if init_source is not None:  # its params, a fresh optimizer state
+            params = init_source.load(model_cfg, setup.mesh, setup.state_shardings.params)
+            state = state.replace(params=params)
+            log(f"initialized the params from {init_source.description}")
         start = 0
     else:
         _resume_data(manager, start, batches, changes, config)
