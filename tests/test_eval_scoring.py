@@ -1,6 +1,8 @@
 """Log-likelihood scoring (tpullm/evaluation): against torch, packed against unpacked, rolling windows
 against the training loss, and the limits of a row."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -100,3 +102,27 @@ def test_contexts_lose_their_oldest_tokens_and_long_continuations_are_refused(ti
         scorer.score([([1], list(range(3, 43)))])
     with pytest.raises(UserError, match="at least one context token"):
         scorer.score([([], [5])])
+
+
+def test_perplexity_is_the_mean_token_nll_and_ignores_batch_and_packing(tiny, tmp_path):
+    from tpullm.data.tokenizer import ByteTokenizer
+    from tpullm.evaluation.perplexity import held_out_documents, perplexity
+
+    model = models.build(dataclasses.replace(TINY, vocab_size=259))
+    params = models.init_params(model, jax.random.key(0))
+    with pytest.raises(UserError, match="outside the model's vocabulary of 64"):
+        Scorer(*tiny, length=32).score([([1], [200])])
+    for i, text in enumerate(["def f(x):\n    return x\n" * 3, "import os\n", "class A:\n    pass\n" * 5]):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    tokenizer = ByteTokenizer()
+    documents = held_out_documents(str(tmp_path / "*.txt"), tokenizer, val_fraction=None)
+    assert sorted(len(d) for d in documents) == [10, 69, 90]
+    results = [perplexity(Scorer(model, params, length=32, batch_rows=b), tokenizer, documents) for b in (1, 3)]
+    assert results[0]["nll"] == pytest.approx(results[1]["nll"], rel=1e-6)
+    alone = sum(-Scorer(model, params, length=32).rolling([d], tokenizer.eos_id)[0] for d in documents)
+    r = results[0]
+    assert r["tokens"] == r["bytes"] == 169  # one byte per token
+    assert r["nll"] == pytest.approx(alone / 169, rel=1e-6)
+    assert r["perplexity"] == pytest.approx(np.exp(r["nll"])) and r["bits_per_byte"] == pytest.approx(
+        r["nll"] / np.log(2)
+    )

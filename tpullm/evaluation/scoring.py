@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpullm.errors import UserError
 from tpullm.evaluation.requests import pack, rolling_windows, truncated
 from tpullm.inference.generate import decoding_config
 from tpullm.models import pipeline
@@ -52,6 +53,11 @@ class Scorer:
         if not requests:
             return []
         rows = pack([truncated(c, x, self.length) for c, x in requests], self.length, one_per_row)
+        vocab = self.model.config.vocab_size
+        if rows.tokens.max() >= vocab or rows.targets.max() >= vocab or min(rows.tokens.min(), rows.targets.min()) < 0:
+            raise UserError(
+                f"token ids outside the model's vocabulary of {vocab}: the tokenizer does not match the model"
+            )
         n = len(rows.tokens)
         padded = -(-n // self.batch_rows) * self.batch_rows
         arrays = [np.pad(a, [(0, padded - n), (0, 0)]) for a in (rows.tokens, rows.targets)]
