@@ -64,13 +64,18 @@ def load_params(path: str, step: int | None = None, log=print):
     """The params as a plain pytree on one device, from a workdir (the checkpoint at `step`,
     default the newest intact one, as training resumes) or from an export (which holds one step;
     `step` must then be None). `log` is told which step was loaded; a damaged step skipped is a warning."""
+    return load_step_params(path, step, log)[1]
+
+
+def load_step_params(path: str, step: int | None = None, log=print):
+    """(step, params) as `load_params` loads them; the step is None for an export."""
     path = os.path.abspath(path)
     kind = path_kind(path)
     abstract = _abstract_params(read_config(path))
     if kind == "export":
         if step is not None:
             raise ValueError(f"{path} is an export of a single step: call load_params without step")
-        return ocp.PyTreeCheckpointer().restore(
+        return None, ocp.PyTreeCheckpointer().restore(
             os.path.join(path, EXPORT_PARAMS),
             args=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
@@ -90,7 +95,7 @@ def load_params(path: str, step: int | None = None, log=print):
         if step is None:
             raise FileNotFoundError(f"no intact checkpoint in {manager.directory} (every step is damaged; see above)")
     log(f"loaded the params of step {step} from {path}")
-    return restored["params"]
+    return step, restored["params"]
 
 
 def load_model(path: str, step: int | None = None, log=print):

@@ -1,0 +1,57 @@
+"""`python -m tpullm.eval` on a trained run: harness tasks and perplexity for every checkpoint, results as
+JSON and markdown; bad task names and task files fail in one line before any checkpoint is scored."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from test_cli import ENV, assert_one_line_error, run  # noqa: E402
+from test_eval_harness import write_task  # noqa: E402
+
+from configs import demo  # noqa: E402
+from tpullm.training import loop  # noqa: E402
+
+ENV["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 20-step smoke run with checkpoints at 10 and 20, and a local multiple-choice task."""
+    root = tmp_path_factory.mktemp("eval")
+    c = demo.get_config("smoke")
+    c.data.max_bytes = 300_000
+    c.train.update(steps=20, checkpoint_every=10, eval_every=10, sample_tokens=0)
+    loop.train(c, str(root / "run"))
+    os.makedirs(root / "tasks")
+    write_task(str(root / "tasks"), n_docs=6)
+    return str(root / "run"), str(root / "tasks")
+
+
+def test_every_checkpoint_gets_task_scores_and_perplexity(trained):
+    workdir, tasks = trained
+    args = ["--tasks=tiny_mc", f"--include_path={tasks}", "--all_steps", "--perplexity=train", "--max_documents=3"]
+    proc = run("-m", "tpullm.eval", f"--workdir={workdir}", *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for step in (10, 20):
+        results = json.load(open(os.path.join(workdir, "eval", f"step_{step}.json")))
+        assert results["step"] == step
+        assert 0 <= results["tasks"]["tiny_mc"]["acc"] <= 1 and "acc_norm" in results["tasks"]["tiny_mc"]
+        p = results["perplexity"]
+        assert p["documents"] == 3 and p["perplexity"] > 1 and p["bits_per_byte"] > 0
+        table = open(os.path.join(workdir, "eval", f"step_{step}.md")).read()
+        assert "| tiny_mc | acc |" in table and "bits/byte" in table
+    assert "| tiny_mc | acc_norm |" in proc.stdout
+
+
+def test_an_unknown_task_or_a_bad_task_file_fails_in_one_line_before_scoring(trained, tmp_path):
+    workdir, tasks = trained
+    proc = run("-m", "tpullm.eval", f"--workdir={workdir}", "--tasks=tiny_mcq", f"--include_path={tasks}")
+    assert "did you mean tiny_mc" in assert_one_line_error(proc, "unknown evaluation task 'tiny_mcq'")
+    bad = open(os.path.join(tasks, "tiny_mc.yaml")).read().replace("tiny_mc", "bad_mc").replace("choices", "answers")
+    (tmp_path / "bad.yaml").write_text(bad)
+    proc = run("-m", "tpullm.eval", f"--workdir={workdir}", "--tasks=bad_mc", f"--include_path={tmp_path}")
+    assert_one_line_error(proc, "evaluation task 'bad_mc'", "bad.yaml", "doc_to_choice")
+    assert not os.path.exists(os.path.join(workdir, "eval", "step_20.1.json"))
