@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test,tpu]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test,tpu,eval]"
 	touch $@
 
 demo: $(VENV)/.installed

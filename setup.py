@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         # Test-only: Hugging Face reference models built locally with random weights.
-        "test": ["pytest>=8,<10", "torch>=2.4,<2.15", "transformers>=4.50,<6", "ruff>=0.8,<1"],
+        "test": ["pytest>=8,<10", "torch>=2.4,<2.15", "transformers>=4.50,<6", "ruff>=0.8,<1", "accelerate>=1.0,<2"],
+        # Downstream evaluation (python -m tpullm.eval, train.eval_tasks): EleutherAI's LM Evaluation Harness.
+        "eval": ["lm-eval>=0.4.5,<0.5"],
         # Ahead-of-time compilation for TPU topologies on a machine without TPUs.
         "tpu": ["libtpu"],
     },

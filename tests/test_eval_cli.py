@@ -12,6 +12,7 @@ from test_cli import ENV, assert_one_line_error, run  # noqa: E402
 from test_eval_harness import write_task  # noqa: E402
 
 from configs import demo  # noqa: E402
+from tpullm.errors import UserError  # noqa: E402
 from tpullm.training import loop  # noqa: E402
 
 ENV["HF_DATASETS_OFFLINE"] = "1"
@@ -55,3 +56,23 @@ def test_an_unknown_task_or_a_bad_task_file_fails_in_one_line_before_scoring(tra
     proc = run("-m", "tpullm.eval", f"--workdir={workdir}", "--tasks=bad_mc", f"--include_path={tmp_path}")
     assert_one_line_error(proc, "evaluation task 'bad_mc'", "bad.yaml", "doc_to_choice")
     assert not os.path.exists(os.path.join(workdir, "eval", "step_20.1.json"))
+
+
+def test_training_logs_task_scores_every_eval_tasks_every_steps(trained, tmp_path):
+    _, tasks = trained
+    c = demo.get_config("smoke")
+    c.data.max_bytes = 300_000
+    c.train.update(steps=10, log_every=5, eval_every=10, sample_tokens=0, checkpoint_every=10)
+    c.train.update(eval_tasks="tiny_mc", eval_tasks_every=5, eval_tasks_include_path=tasks, eval_tasks_limit=4)
+    final = loop.train(c, str(tmp_path / "run"))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r["step"] for r in records if "eval/tiny_mc/acc" in r]
+    assert logged == [5, 10] and 0 <= final["eval/tiny_mc/acc"] <= 1 and "eval/tiny_mc/acc_norm" in final
+
+
+def test_a_bad_eval_task_stops_training_before_the_first_step(tmp_path):
+    c = demo.get_config("smoke")
+    c.train.update(eval_tasks="no_such_task_anywhere", eval_tasks_include_path=str(tmp_path))
+    with pytest.raises(UserError, match="unknown evaluation task 'no_such_task_anywhere'"):
+        loop.train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # not one step trained

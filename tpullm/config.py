@@ -361,6 +361,14 @@ def default_config() -> ml_collections.ConfigDict:
     # directory; its tokenizer.model becomes data.tokenizer) or "/path" (a tpullm workdir or export).
     # The model section must describe the same architecture (tpullm/training/init_from.py).
     c.train.init_from = ""
+    # Downstream evaluation during training (tpullm/evaluation): LM Evaluation Harness tasks, comma-separated
+    # (e.g. "hellaswag,arc_easy", or task YAMLs under eval_tasks_include_path), every eval_tasks_every steps
+    # and at the end, into metrics.jsonl and TensorBoard as eval/<task>/<metric>. Needs lm-eval (.[eval]).
+    c.train.eval_tasks = ""
+    c.train.eval_tasks_every = 1000
+    c.train.eval_tasks_include_path = ""
+    c.train.eval_tasks_num_fewshot = -1  # -1: each task's own default
+    c.train.eval_tasks_limit = 0  # documents per task (0: all)
     # The sample `python -m tpullm.train` prints at the end of a run (sample_tokens=0: none).
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 200
@@ -441,6 +449,8 @@ RUN_BOUNDS = {
     "train.sample_top_k": NON_NEGATIVE,
     "train.sample_top_p": Bound(0, 1, low_open=True),
     "train.profile_steps": NON_NEGATIVE,
+    "train.eval_tasks_every": AT_LEAST_ONE,
+    "train.eval_tasks_limit": NON_NEGATIVE,
     "mesh.max_replicated_share": FRACTION,
 }
 

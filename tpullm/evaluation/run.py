@@ -41,22 +41,12 @@ def check_tasks(manager, tasks) -> None:
             raise UserError(f"unknown evaluation task {task!r}{hint}")
 
 
-def _leaf_tasks(tree) -> list:
-    """The Task objects of the harness' {name or group: Task or subtree} dict."""
-    out = []
-    for value in tree.values():
-        out += _leaf_tasks(value) if isinstance(value, dict) else [value]
-    return out
-
-
 def check_task_files(manager, tasks) -> None:
     """Builds every task and reads its first document the way the harness will, so a task file with a bad
     field, no documents or an unknown setting fails in one line before any checkpoint is scored."""
-    from lm_eval.tasks import get_task_dict
-
     for name in tasks:
         try:
-            built = _leaf_tasks(get_task_dict([name], manager))
+            built = list(manager.load([name])["tasks"].values())
         except StopIteration:
             raise UserError(f"evaluation task {name!r} has no documents: check its data files and splits") from None
         except Exception as e:
@@ -138,6 +128,31 @@ def evaluate(
     if documents is not None:
         results["perplexity"] = perplexity(Scorer(model, params, length, batch_rows), tokenizer, documents)
     return results
+
+
+def during_training(train, tokenizer, length: int):
+    """The task evaluation `train.eval_tasks` asks for, as fn(model, params) -> {"eval/<task>/<metric>": value}
+    (None without tasks). The tasks are checked here, before training starts."""
+    import jax
+
+    tasks = [t.strip() for t in str(train.eval_tasks).split(",") if t.strip()]
+    if not tasks:
+        return None
+    if jax.process_count() > 1:
+        raise UserError(
+            "train.eval_tasks runs in one process; on several hosts evaluate the checkpoints with "
+            "python -m tpullm.eval --all_steps instead"
+        )
+    manager = prepare_tasks(tasks, train.eval_tasks_include_path or None)
+    shots = None if train.eval_tasks_num_fewshot < 0 else train.eval_tasks_num_fewshot
+
+    def evaluate_tasks(model, params):
+        results = evaluate(
+            model, params, tokenizer, length, tasks, manager, shots, train.seed, train.eval_tasks_limit or None
+        )
+        return flat(results)
+
+    return evaluate_tasks
 
 
 def flat(results: dict) -> dict:

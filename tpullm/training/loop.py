@@ -34,6 +34,7 @@ from tpullm.checkpoint import (
     resume as ckpt_resume,
 )
 from tpullm.errors import UserError
+from tpullm.evaluation import run as eval_run
 from tpullm.models import Decoder
 from tpullm.parallel import distributed, guard, rules
 from tpullm.parallel import mesh as mesh_lib
@@ -213,6 +214,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
         f"{unigram:.3f} nats/token"
     )
 
+    evaluate_tasks = eval_run.during_training(t, tokenizer, config.data.seq_len)
     setup = build(config, model_cfg)
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
@@ -301,6 +303,8 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
                                 eval_step, state.params, val_rows, t.batch_size, lambda b: put_batch(b, batch_sharding)
                             )
                         )
+                    if evaluate_tasks and (done % t.eval_tasks_every == 0 or done == t.steps):
+                        last.update(evaluate_tasks(setup.model, state.params))
                     writer.write(done, last)
                     log(format_step(done, t.steps, last))
                 save, preempted = save_policy.decide(done)
