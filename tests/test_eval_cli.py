@@ -76,3 +76,22 @@ def test_a_bad_eval_task_stops_training_before_the_first_step(tmp_path):
     with pytest.raises(UserError, match="unknown evaluation task 'no_such_task_anywhere'"):
         loop.train(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # not one step trained
+
+
+def test_the_harness_command_line_runs_the_tpullm_model(trained, tmp_path):
+    workdir, tasks = trained
+    proc = run(
+        "-m",
+        "tpullm.evaluation.lm_eval_cli",
+        "--model=tpullm",
+        f"--model_args=workdir={workdir},batch_rows=4",
+        "--tasks=tiny_mc",
+        f"--include_path={tasks}",
+        "--limit=4",
+        f"--output_path={tmp_path}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [written] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".json")]
+    results = json.load(open(written))["results"]["tiny_mc"]
+    assert 0 <= results["acc,none"] <= 1
