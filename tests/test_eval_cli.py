@@ -95,3 +95,19 @@ def test_the_harness_command_line_runs_the_tpullm_model(trained, tmp_path):
     [written] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".json")]
     results = json.load(open(written))["results"]["tiny_mc"]
     assert 0 <= results["acc,none"] <= 1
+
+
+def test_a_sweep_scores_every_run_and_plots_the_scores_against_compute(trained, tmp_path):
+    from test_sweep import SMOKE
+
+    from tpullm.scaling import experiment as experiment_lib
+    from tpullm.scaling.report import analyze
+    from tpullm.scaling.runner import run_sweep
+
+    _, tasks = trained
+    extra = {"train.eval_tasks": "tiny_mc", "train.eval_tasks_every": 10**9, "train.eval_tasks_include_path": tasks}
+    rows = run_sweep(experiment_lib.load_experiment(SMOKE), str(tmp_path), extra_overrides=extra, log=lambda _: None)
+    assert len(rows) == 2 and all(0 <= r["eval/tiny_mc/acc"] <= 1 for r in rows)
+    analyze(str(tmp_path), n_boot=2, parametric_starts=2, log=lambda _: None)
+    assert os.path.getsize(tmp_path / "downstream_tiny_mc_acc.png") > 0
+    assert os.path.getsize(tmp_path / "downstream_tiny_mc_acc_norm.png") > 0

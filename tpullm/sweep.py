@@ -7,6 +7,9 @@ python -m tpullm.sweep --experiment=... --workdir=DIR --print_commands    (or --
     afterwards `--collect_only` records the runs those commands finished in DIR/runs/
 python -m tpullm.sweep --experiment=... --workdir=DIR --analyze [--analysis_dir=OUT]
     fits Approaches 1-3 to the finished runs and writes plots and tables into OUT (default DIR)
+--eval_tasks=hellaswag,arc_easy (with --eval_tasks_include_path, --eval_tasks_limit) scores every run on
+    those LM Evaluation Harness tasks when it finishes; --analyze then plots each score against compute
+    and against the validation loss.
 """
 
 import sys
@@ -41,6 +44,9 @@ _N_KEY = flags.DEFINE_enum(
 )
 _LOSS_KEY = flags.DEFINE_enum("loss_key", "val_loss", ["val_loss", "train_loss"], "--analyze: which final loss.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 100, "--analyze: bootstrap replicates per approach.")
+_EVAL_TASKS = flags.DEFINE_string("eval_tasks", "", "Harness tasks scored at the end of every run (train.eval_tasks).")
+_EVAL_INCLUDE = flags.DEFINE_string("eval_tasks_include_path", "", "A directory of harness task YAMLs.")
+_EVAL_LIMIT = flags.DEFINE_integer("eval_tasks_limit", 0, "Documents per task (0: all).")
 _ANALYSIS_DIR = flags.DEFINE_string(
     "analysis_dir",
     None,
@@ -48,6 +54,18 @@ _ANALYSIS_DIR = flags.DEFINE_string(
     "the workdir), e.g. experiments/chinchilla/results to commit them.",
 )
 flags.mark_flags_as_required(["experiment", "workdir"])
+
+
+def eval_overrides() -> dict:
+    """The train.eval_* overrides every run gets from the --eval_tasks flags (scored at the last step only)."""
+    if not _EVAL_TASKS.value:
+        return {}
+    return {
+        "train.eval_tasks": _EVAL_TASKS.value,
+        "train.eval_tasks_every": 1_000_000_000,  # no run is that long: only the final step evaluates
+        "train.eval_tasks_include_path": _EVAL_INCLUDE.value,
+        "train.eval_tasks_limit": _EVAL_LIMIT.value,
+    }
 
 
 def main(argv):
@@ -58,7 +76,7 @@ def main(argv):
         # The plan goes to stderr so that stdout holds only the commands (pipe it to a launcher).
         print(plan_table(experiment, _FLOPS_PER_SEC.value, _OVERHEAD.value), file=sys.stderr)
         for run in experiment.runs:
-            print(experiment_lib.train_command(experiment, run, _WORKDIR.value))
+            print(experiment_lib.train_command(experiment, run, _WORKDIR.value, eval_overrides()))
         return
     check_writable(_WORKDIR.value, "--workdir")
     if _ANALYZE.value:
@@ -77,6 +95,7 @@ def main(argv):
         assumed_flops_per_sec=_FLOPS_PER_SEC.value,
         max_runs=_MAX_RUNS.value,
         collect_only=_COLLECT.value,
+        extra_overrides=eval_overrides(),
         log=lambda message: print(message, flush=True),
     )
 

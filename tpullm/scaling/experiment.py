@@ -97,8 +97,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
     return config
 
 
-def build_config(experiment: Experiment, run: Run) -> ml_collections.ConfigDict:
-    return apply_overrides(load_config(experiment.base_config), run.overrides)
+def build_config(experiment: Experiment, run: Run, extra: dict | None = None) -> ml_collections.ConfigDict:
+    """The run's config: the base config with the run's overrides, then `extra` (the same for every run)."""
+    return apply_overrides(load_config(experiment.base_config), {**run.overrides, **(extra or {})})
 
 
 def run_workdir(workdir: str, run: Run) -> str:
@@ -111,7 +112,7 @@ def _flag_value(value) -> str:
     return str(value)
 
 
-def train_command(experiment: Experiment, run: Run, workdir: str) -> str:
+def train_command(experiment: Experiment, run: Run, workdir: str, extra: dict | None = None) -> str:
     """The `python -m tpullm.train` command line that trains `run` (one line, shell-quoted)."""
     args = [
         "python",
@@ -120,5 +121,6 @@ def train_command(experiment: Experiment, run: Run, workdir: str) -> str:
         f"--config={experiment.base_config}",
         f"--workdir={run_workdir(workdir, run)}",
     ]
-    args += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides.items()]
+    overrides = {**run.overrides, **(extra or {})}
+    args += [f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
     return " ".join(shlex.quote(a) for a in args)

@@ -130,3 +130,23 @@ def plot_parametric(path: str, params: dict, n_params, n_tokens, losses, flops_r
         fontsize=9,
     )
     fig.savefig(path, dpi=120)
+
+
+def plot_downstream(path: str, name: str, flops, losses, scores, loss_name: str = "validation loss"):
+    """A downstream score against training compute (coloured by budget) and against the final loss."""
+    flops, loss, score = (np.asarray(v, np.float64) for v in (flops, losses, scores))
+    colors = _budget_colors(flops)
+    fig, (by_compute, by_loss) = _figure(ncols=2, width=5.0)
+    for c in sorted(set(flops)):
+        sel = flops == c
+        by_compute.scatter(flops[sel], score[sel], color=colors[c], label=f"{c:.1e} FLOPs", zorder=3)
+        by_loss.scatter(loss[sel], score[sel], color=colors[c], zorder=3)
+    by_compute.set_xscale("log")
+    by_compute.set_xlabel("training FLOPs C")
+    by_compute.legend(fontsize=8)
+    by_loss.set_xlabel(loss_name)
+    by_loss.invert_xaxis()  # better models to the right in both panels
+    for ax in (by_compute, by_loss):
+        ax.set_ylabel(name)
+    fig.suptitle(f"{name} against compute and loss")
+    fig.savefig(path, dpi=120)

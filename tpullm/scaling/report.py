@@ -134,6 +134,18 @@ def analyze(
         plots.plot_parametric(os.path.join(out_dir, "parametric.png"), p3, n, d, loss, flops_range)
     if lines:
         plots.plot_optimal(os.path.join(out_dir, "optimal.png"), lines, flops_range, points)
+    downstream = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("_stderr")})
+    for key in downstream:
+        scored = [r for r in rows if key in r]
+        file_name = "downstream_" + key.removeprefix("eval/").replace("/", "_") + ".png"
+        plots.plot_downstream(
+            os.path.join(out_dir, file_name),
+            key.removeprefix("eval/"),
+            [r["budget"] for r in scored],
+            [r[loss_key] for r in scored],
+            [r[key] for r in scored],
+            loss_name=loss_key.replace("_", " "),
+        )
     summary = {"workdir": workdir, "runs": len(rows), "n_key": n_key, "loss_key": loss_key, "notes": notes, **fits}
     with open(os.path.join(out_dir, "fits.json"), "w") as f:
         json.dump(summary, f, indent=1, default=float)

@@ -38,6 +38,11 @@ def read_results(workdir: str) -> list[dict]:
     return list(rows.values())
 
 
+def _last_record(run_dir: str) -> dict:
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return max(rows, key=lambda r: r["step"]) if rows else {}
+
+
 def read_curve(run_dir: str) -> dict:
     """A run's logged metrics as {"step": [...], "loss": [...], "val_loss": [...] (nan where not
     evaluated)}, sorted by step. A resumed run logs some steps twice; the later line wins."""
@@ -53,12 +58,14 @@ def read_curve(run_dir: str) -> dict:
 
 
 def _logged_final(run_dir: str, steps: int) -> dict | None:
-    """Final train and validation loss from metrics.jsonl's record of the last step, or None if
-    the run has not logged its last step (not started, or killed part-way)."""
-    curve = read_curve(run_dir)
-    if curve["step"] and curve["step"][-1] == steps:
-        return {"train_loss": curve["loss"][-1], "val_loss": curve["val_loss"][-1]}
-    return None
+    """Final train and validation loss, and the downstream scores (`eval/<task>/<metric>`, with
+    train.eval_tasks) from metrics.jsonl's record of the last step, or None if the run has not
+    logged its last step (not started, or killed part-way)."""
+    last = _last_record(run_dir)
+    if last.get("step") != steps:
+        return None
+    downstream = {k: v for k, v in last.items() if k.startswith("eval/")}
+    return {"train_loss": last.get("loss", float("nan")), "val_loss": last.get("val_loss", float("nan")), **downstream}
 
 
 def write_plan(experiment: Experiment, workdir: str) -> None:
@@ -115,6 +122,7 @@ def run_sweep(
     assumed_flops_per_sec: float = 40e9,
     max_runs: int | None = None,
     collect_only: bool = False,
+    extra_overrides: dict | None = None,
     log=print,
 ) -> list[dict]:
     """Trains every run of `experiment` not yet in `workdir`'s results table; returns the table.
@@ -123,7 +131,8 @@ def run_sweep(
     killed after training but before its line was written) is recorded without training, with
     wall_sec None. `collect_only` records those and trains nothing. `train_fn(config,
     run_workdir) -> dict` is `tpullm.training.loop.train` unless given. `max_runs` stops after
-    that many trained runs (the rest stay for the next start).
+    that many trained runs (the rest stay for the next start). `extra_overrides` apply to every run
+    (e.g. train.eval_tasks, whose final scores join each run's line).
     """
     if train_fn is None and not collect_only:
         from tpullm.training.loop import train as train_fn
@@ -133,7 +142,9 @@ def run_sweep(
     for run in runs:
         if run.name in done:
             continue
-        final = _logged_final(run_workdir(workdir, run), int(build_config(experiment, run).train.steps))
+        final = _logged_final(
+            run_workdir(workdir, run), int(build_config(experiment, run, extra_overrides).train.steps)
+        )
         if final:
             _append(
                 workdir,
@@ -160,7 +171,7 @@ def run_sweep(
             f"[{index}/{len(runs)}] {run.name}: {info.get('n_params', 0):,} params, {info.get('tokens', 0):,} tokens, "
             f"{info.get('flops', 0.0):.2e} FLOPs{' (resuming an interrupted attempt)' if resumed else ''}"
         )
-        config = build_config(experiment, run)
+        config = build_config(experiment, run, extra_overrides)
         start = time.time()
         returned = train_fn(config, run_dir) or {}
         wall = time.time() - start
