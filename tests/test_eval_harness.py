@@ -123,3 +123,34 @@ def test_harness_scores_equal_the_harness_hf_model_on_the_same_weights(tmp_path)
         ours_ll = np.array([[ll for ll, _ in doc] for doc in ours_samples], np.float64)
         hf_ll = np.array([[ll for ll, _ in doc] for doc in hf_samples], np.float64)
         np.testing.assert_allclose(ours_ll, hf_ll, atol=1e-3)
+
+
+def test_generate_until_and_rolling_go_through_the_generator_and_the_scorer():
+    import jax
+    from lm_eval.api.instance import Instance
+
+    from tpullm.config import ModelConfig
+    from tpullm.inference.generate import Generator
+    from tpullm.inference.sampling import SamplingParams
+
+    cfg = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=2, mlp_dim=64, max_length=64)
+    model = models.build(cfg)
+    params = models.init_params(model, jax.random.key(1))
+    tokenizer = ByteTokenizer()
+    lm = TpullmLM(model=model, params=params, tokenizer=tokenizer, max_length=64, generate_batch=2)
+    contexts = ["red cat", "blue", "a tree by the river"]
+    greedy = Generator(model, params, max_length=64).generate(
+        [tokenizer.encode(c) for c in contexts], 12, SamplingParams(temperature=0), eos_id=tokenizer.eos_id
+    )
+    texts = [tokenizer.decode(c.tokens) for c in greedy]
+    until = texts[0][3:5]  # a string the first continuation contains, so the cut is tested
+    requests = [
+        Instance("generate_until", {}, (c, {"until": [until], "max_gen_toks": 12}), i) for i, c in enumerate(contexts)
+    ]
+    assert lm.generate_until(requests, disable_tqdm=True) == [t.split(until)[0] for t in texts]
+    assert len(lm.generate_until(requests[:1], disable_tqdm=True)[0]) == 3
+    documents = ["def f(x):\n    return x * 2\n" * 4, "import os\n"]
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (d,), 0) for d in documents])
+    expected = lm.scorer.rolling([tokenizer.encode(d) for d in documents], tokenizer.eos_id)
+    np.testing.assert_allclose(rolling, expected, rtol=1e-6)
+    assert all(r < 0 for r in rolling)
