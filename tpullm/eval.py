@@ -8,10 +8,13 @@ Tasks are the harness' (with internet, its tasks download their data) or task YA
 --include_path (e.g. `dataset_path: json` with local `data_files`). --perplexity takes any source the
 data pipeline reads; with --perplexity=train the run's own corpus, its validation split. Each checkpoint's
 results go to <output_dir>/step_<N>.json and .md (default output_dir: <workdir>/eval), never overwriting.
+Started as several processes (launch/local.py, or every worker of a pod), process 0 runs the harness and
+writes the results while every process scores a share of the requests (tpullm/evaluation/hosts.py).
 """
 
 import os
 
+import jax
 from absl import app, flags
 
 from tpullm import cli, models
@@ -21,6 +24,7 @@ from tpullm.data import load_tokenizer
 from tpullm.errors import UserError, check_writable
 from tpullm.evaluation import run
 from tpullm.evaluation.perplexity import held_out_documents
+from tpullm.parallel import distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir or an export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest intact one).")
@@ -52,18 +56,25 @@ def steps_to_evaluate(workdir: str) -> list:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.initialize(distributed.resolve())  # several processes: from the environment (launch/)
     if not _TASKS.value and not _PERPLEXITY.value:
         raise UserError("nothing to evaluate: give --tasks and/or --perplexity")
     # datasets' bars for building each task's splits from local files are noise; the scoring shows its own
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     output_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
     check_writable(os.path.dirname(os.path.abspath(output_dir)) or ".", "the parent of --output_dir")
-    tasks = run.prepare_tasks(_TASKS.value, _INCLUDE_PATH.value) if _TASKS.value else None  # before any scoring
+    driver = jax.process_index() == 0  # runs the harness and writes; the other processes score shares
+    # every process checks the tasks, so a bad one stops them all at once
+    tasks = run.prepare_tasks(_TASKS.value, _INCLUDE_PATH.value) if _TASKS.value else None
     documents = None
     for step in steps_to_evaluate(_WORKDIR.value):
         config = manager.read_config(_WORKDIR.value)
-        step, params = load_step_params(_WORKDIR.value, step)
+        step, params = load_step_params(_WORKDIR.value, step, log=print if driver else lambda _: None)
         model = models.build(config.model)
+        length = _MAX_LENGTH.value or config.data.seq_len
+        if not driver:
+            run.follow(model, params, length, _BATCH_ROWS.value)
+            continue
         tokenizer = load_tokenizer(config.data.tokenizer)
         if _PERPLEXITY.value and documents is None:
             train = _PERPLEXITY.value == "train"
@@ -76,7 +87,7 @@ def main(argv):
             model,
             params,
             tokenizer,
-            _MAX_LENGTH.value or config.data.seq_len,
+            length,
             _TASKS.value,
             tasks,
             _NUM_FEWSHOT.value,

@@ -34,7 +34,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 class TpullmLM(TemplateLM):
     """model_args: workdir (a training run or an export), step (default: the newest intact checkpoint),
     max_length (rows of this many tokens; default: the run's data.seq_len), batch_rows (rows per forward
-    pass), generate_batch (prompts decoded together by generate_until)."""
+    pass), generate_batch (prompts decoded together by generate_until). In Python, a loaded model, params and
+    tokenizer can be given instead of workdir, and a scorer (e.g. a SharedScorer) for the log-likelihoods."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class TpullmLM(TemplateLM):
         model=None,
         params=None,
         tokenizer=None,
+        scorer: Scorer | None = None,
         **_harness_kwargs,  # batch_size, device, ...: set by the harness for every model
     ):
         super().__init__()
@@ -55,7 +57,7 @@ class TpullmLM(TemplateLM):
             max_length = max_length or config.data.seq_len
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.max_length = int(max_length or model.config.max_length)
-        self.scorer = Scorer(model, params, self.max_length, int(batch_rows))
+        self.scorer = scorer or Scorer(model, params, self.max_length, int(batch_rows))
         self.generate_batch = int(generate_batch)
 
     @property

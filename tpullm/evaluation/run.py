@@ -9,8 +9,8 @@ import json
 import os
 
 from tpullm.errors import UserError
+from tpullm.evaluation.hosts import SharedScorer
 from tpullm.evaluation.perplexity import perplexity
-from tpullm.evaluation.scoring import Scorer
 
 BOOTSTRAP_ITERS = 1000  # the harness' standard errors of non-mean metrics (its default 100000 takes minutes)
 
@@ -118,16 +118,27 @@ def evaluate(
     documents=None,
     batch_rows: int = 8,
 ) -> dict:
-    """{"tasks": {task: {metric: value}}, "perplexity": {...}} for the given tasks and held-out documents."""
+    """{"tasks": {task: {metric: value}}, "perplexity": {...}} for the given tasks and held-out documents.
+    With several processes this runs on process 0 while the others run `follow` (their share of the
+    scoring; generation stays on process 0)."""
+    scorer = SharedScorer(model, params, length, batch_rows)
     results = {}
-    if tasks:
-        from tpullm.evaluation.harness import TpullmLM
+    try:
+        if tasks:
+            from tpullm.evaluation.harness import TpullmLM
 
-        lm = TpullmLM(model=model, params=params, tokenizer=tokenizer, max_length=length, batch_rows=batch_rows)
-        results["tasks"] = run_tasks(lm, tasks, manager or prepare_tasks(tasks), num_fewshot, seed, limit)
-    if documents is not None:
-        results["perplexity"] = perplexity(Scorer(model, params, length, batch_rows), tokenizer, documents)
+            lm = TpullmLM(model=model, params=params, tokenizer=tokenizer, max_length=length, scorer=scorer)
+            results["tasks"] = run_tasks(lm, tasks, manager or prepare_tasks(tasks), num_fewshot, seed, limit)
+        if documents is not None:
+            results["perplexity"] = perplexity(scorer, tokenizer, documents)
+    finally:
+        scorer.stop()
     return results
+
+
+def follow(model, params, length: int, batch_rows: int = 8) -> None:
+    """What processes other than 0 run while process 0 runs `evaluate`."""
+    SharedScorer(model, params, length, batch_rows).follow()
 
 
 def during_training(train, tokenizer, length: int):
