@@ -43,7 +43,7 @@ def tiny_llama():
     return model, params, Generator(model, params, max_length=32), prompts
 
 
-@pytest.mark.parametrize("early_stopping", [False, True])
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
 def test_one_beam_is_greedy(tiny_llama, early_stopping):
     _, _, generator, prompts = tiny_llama
     greedy = generator.generate(prompts, NEW, GREEDY)
@@ -56,7 +56,7 @@ def test_one_beam_is_greedy(tiny_llama, early_stopping):
     assert reference[0].finish_reason == "eos"
 
 
-@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (2.0, True), (0.5, False)])
+@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (2.0, True), (0.5, False), (1.5, "never")])
 def test_scores_are_length_normalised_sums_of_logprobs(tiny_llama, length_penalty, early_stopping):
     model, params, generator, prompts = tiny_llama
     free = beam_search(generator, prompts, NEW, 4, length_penalty)
@@ -79,6 +79,8 @@ def test_bad_requests_are_refused(tiny_llama):
         beam_search(generator, prompts, NEW, 0)
     with pytest.raises(UserError, match="exceeds max_length"):
         beam_search(generator, prompts, 30, 2)
+    with pytest.raises(UserError, match="early_stopping='sometimes'"):
+        beam_search(generator, prompts, NEW, 2, early_stopping="sometimes")
 
 
 # ----------------------------------------------------------------------------- Hugging Face generate
@@ -86,6 +88,11 @@ def test_bad_requests_are_refused(tiny_llama):
 
 def _hf_beams(hf_model, prompt, n, num_beams, length_penalty, early_stopping, eos_id):
     """HF's best beam's new tokens (cut before eos) and its score."""
+    return _hf_hypotheses(hf_model, prompt, n, num_beams, length_penalty, early_stopping, eos_id, 1)[0]
+
+
+def _hf_hypotheses(hf_model, prompt, n, num_beams, length_penalty, early_stopping, eos_id, count):
+    """HF's `count` best hypotheses, best first: (new tokens cut before eos, score) each."""
     import torch
 
     hf_model.generation_config.eos_token_id = eos_id
@@ -100,11 +107,15 @@ def _hf_beams(hf_model, prompt, n, num_beams, length_penalty, early_stopping, eo
             do_sample=False,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            num_return_sequences=count,
             return_dict_in_generate=True,
             output_scores=True,
         )
-    new = out.sequences[0, len(prompt) :].tolist()
-    return (new[: new.index(eos_id)] if eos_id in new else new), float(out.sequences_scores[0])
+    hypotheses = []
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        new = sequence[len(prompt) :].tolist()
+        hypotheses.append(((new[: new.index(eos_id)] if eos_id in new else new), float(score)))
+    return hypotheses
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,8 @@ def hf_llama():
 
 
 @pytest.mark.parametrize(
-    "num_beams, length_penalty, early_stopping", [(3, 1.0, False), (4, 2.0, True), (2, 0.5, False)]
+    "num_beams, length_penalty, early_stopping",
+    [(3, 1.0, False), (4, 2.0, True), (2, 0.5, False), (2, 0.5, "never"), (2, -0.5, "never")],
 )
 def test_beam_search_equals_hugging_face_generate(hf_llama, num_beams, length_penalty, early_stopping):
     hf_model, generator, prompts = hf_llama
@@ -138,6 +150,25 @@ def test_beam_search_equals_hugging_face_generate(hf_llama, num_beams, length_pe
             assert best.tokens == tokens
             assert best.score == pytest.approx(score, abs=1e-4)
     assert any(best.finish_reason == "eos" for best, *_ in ours)
+
+
+def test_never_stopping_early_equals_hugging_face_where_it_changes_the_search(hf_llama):
+    """early_stopping="never" searches on while the best running beam could still win at max_new_tokens. With an
+    eos for which that finds other hypotheses than HF's default (False), every hypothesis equals HF's in both."""
+    hf_model, generator, prompts = hf_llama
+    num_beams, length_penalty, new = 3, 1.0, 16
+    free = beam_search(generator, prompts, new, num_beams, length_penalty)
+    candidates = sorted({t for hypotheses in free for h in hypotheses for t in h.tokens})
+
+    def search(eos, early_stopping):
+        return beam_search(generator, prompts, new, num_beams, length_penalty, eos, early_stopping)
+
+    eos = next(e for e in candidates if search(e, False) != search(e, "never"))
+    for early_stopping in (False, "never"):
+        for prompt, ours in zip(prompts, search(eos, early_stopping)):
+            theirs = _hf_hypotheses(hf_model, prompt, new, num_beams, length_penalty, early_stopping, eos, num_beams)
+            assert [h.tokens for h in ours] == [tokens for tokens, _ in theirs]
+            np.testing.assert_allclose([h.score for h in ours], [score for _, score in theirs], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- mesh

@@ -1,5 +1,6 @@
-"""Speculative decoding (tpullm/inference/speculative.py): greedy output against the target's own Generator, and
-sampled tokens against the target's distribution from full forward passes (a chi-square test)."""
+"""Speculative decoding (tpullm/inference/speculative.py) for batches of prompts: greedy output against the target's
+own Generator row for row, and sampled tokens against the target's distribution from full forward passes (a
+chi-square test, for one row and for each row of a batch)."""
 
 import dataclasses
 import itertools
@@ -85,46 +86,48 @@ def test_several_tokens_decoded_at_once_and_rewound_equal_the_full_forward_pass(
 
 
 @pytest.mark.parametrize("family", sorted(TARGETS))
-def test_greedy_equals_the_targets_greedy_output(family):
+def test_greedy_batch_equals_the_targets_greedy_output_row_for_row(family):
     model, params = target_of(family, vocab=96)
-    prompt = prompt_of(11, 96)
-    expected = Generator(model, params, max_length=40).generate([prompt], 20, GREEDY)[0]
+    prompts = [prompt_of(n, 96, seed) for seed, n in enumerate((11, 3, 17))]
+    expected = Generator(model, params, max_length=40).generate(prompts, 20, GREEDY)
     rates = {}
     for name, (draft, draft_params) in {
         "first layer": first_layer_draft(model, params),
         "random small": random_small_draft(model),
     }.items():
-        completion, rates[name] = SpeculativeGenerator(model, params, draft, draft_params, 40, k=3).generate(
-            prompt, 20, GREEDY
-        )
-        assert completion.tokens == expected.tokens, name
-        np.testing.assert_allclose(completion.logprobs, expected.logprobs, atol=1e-4)
-        assert completion.finish_reason == "length"
+        result = SpeculativeGenerator(model, params, draft, draft_params, 40, k=3).generate(prompts, 20, GREEDY)
+        for completion, reference in zip(result.completions, expected, strict=True):
+            assert completion.tokens == reference.tokens, name
+            np.testing.assert_allclose(completion.logprobs, reference.logprobs, atol=1e-4)
+            assert completion.finish_reason == "length"
+        rates[name] = result
     # The first-layer draft is partly right: rounds end both on a rejection and on k acceptances.
-    assert 0 < rates["first layer"] < 1
+    first_layer = rates["first layer"]
+    assert 0 < first_layer.acceptance_rate < 1 and all(0 <= r <= 1 for r in first_layer.acceptance_rates)
+    # A round keeps only as many drafts as the row that accepted fewest.
+    assert first_layer.kept_rate <= first_layer.acceptance_rate
 
 
-def test_eos_ends_the_completion_like_the_generator():
+def test_rows_stop_on_their_own_eos_like_the_generator():
     model, params = target_of("llama", vocab=96)
     draft, draft_params = first_layer_draft(model, params)
-    prompt = prompt_of(7, 96, seed=2)
-    tokens = Generator(model, params, max_length=40).generate([prompt], 20, GREEDY)[0].tokens
+    prompts = [prompt_of(n, 96, seed) for seed, n in ((2, 7), (5, 12), (6, 4))]
+    tokens = Generator(model, params, max_length=40).generate(prompts, 20, GREEDY)[0].tokens
     eos = tokens[5]
-    expected = Generator(model, params, max_length=40).generate([prompt], 20, GREEDY, eos_id=eos)[0]
-    completion, _ = SpeculativeGenerator(model, params, draft, draft_params, 40, k=4).generate(
-        prompt, 20, GREEDY, eos_id=eos
-    )
-    assert (completion.tokens, completion.finish_reason) == (expected.tokens, "eos")
-    assert len(completion.tokens) <= 5
+    expected = Generator(model, params, max_length=40).generate(prompts, 20, GREEDY, eos_id=eos)
+    result = SpeculativeGenerator(model, params, draft, draft_params, 40, k=4).generate(prompts, 20, GREEDY, eos)
+    assert [(c.tokens, c.finish_reason) for c in result.completions] == [(c.tokens, c.finish_reason) for c in expected]
+    assert result.completions[0].finish_reason == "eos" and len(result.completions[0].tokens) <= 5
+    assert len({len(c.tokens) for c in result.completions}) == 3  # each row stopped at its own point
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, seed=3)])
 def test_a_draft_equal_to_the_target_is_always_accepted(sampling):
     model, params = target_of("mistral", vocab=96)
-    completion, rate = SpeculativeGenerator(model, params, model, params, 40, k=4).generate(
-        prompt_of(9, 96), 17, sampling
-    )
-    assert rate == 1.0 and len(completion.tokens) == 17
+    prompts = [prompt_of(9, 96), prompt_of(4, 96, seed=1)]
+    result = SpeculativeGenerator(model, params, model, params, 40, k=4).generate(prompts, 17, sampling)
+    assert result.acceptance_rate == result.kept_rate == 1.0 and result.acceptance_rates == [1.0, 1.0]
+    assert [len(c.tokens) for c in result.completions] == [17, 17]
 
 
 def reference_distributions(model, params, prompt, sampling, vocab):
@@ -154,6 +157,23 @@ def chi_square_p_value(observed, expected):
     return stats.chisquare(observed[keep], expected[keep]).pvalue
 
 
+def assert_follows_the_target(tokens, model, params, prompt, sampling, vocab):
+    """tokens: [samples, 3] continuations of `prompt`: the pairs (t1, t2) and the third tokens are distributed
+    as the target's full forward passes say (chi-square)."""
+    samples = len(tokens)
+    first, second, third = reference_distributions(model, params, prompt, sampling, vocab)
+    pairs = first[:, None] * second  # [vocab, vocab] p(t1, t2)
+    observed_pairs = np.zeros((vocab, vocab))
+    np.add.at(observed_pairs, (tokens[:, 0], tokens[:, 1]), 1)
+    assert chi_square_p_value(observed_pairs, samples * pairs) > 1e-3
+    third_marginal = np.einsum("ab,abc->c", pairs, third)  # p(t3)
+    assert chi_square_p_value(np.bincount(tokens[:, 2], minlength=vocab), samples * third_marginal) > 1e-3
+
+
+def sampling_target(family, vocab):
+    return target_of(family, vocab, init_std=0.1, **({"sliding_window": 3} if family == "mistral" else {}))
+
+
 @pytest.mark.parametrize(
     "family,sampling",
     [
@@ -163,20 +183,32 @@ def chi_square_p_value(observed, expected):
 )
 def test_sampled_tokens_follow_the_targets_distribution(family, sampling):
     vocab, samples = 8, 4000
-    model, params = target_of(family, vocab, init_std=0.1, **({"sliding_window": 3} if family == "mistral" else {}))
+    model, params = sampling_target(family, vocab)
     draft, draft_params = random_small_draft(model)
     prompt = prompt_of(6, vocab, seed=4)
     generator = SpeculativeGenerator(model, params, draft, draft_params, 16, k=2)
-    completions, rate = generator.generate_samples(prompt, 3, sampling, num_samples=samples)
-    tokens = np.array([c.tokens for c in completions])  # [samples, 3]
+    runs = generator.generate_repeats([prompt], 3, sampling, repeats=samples)
+    tokens = np.array([run.completions[0].tokens for run in runs])  # [samples, 3]
+    rate = np.mean([run.acceptance_rate for run in runs])
     assert tokens.shape == (samples, 3) and 0 < rate < 1
-    first, second, third = reference_distributions(model, params, prompt, sampling, vocab)
-    pairs = first[:, None] * second  # [vocab, vocab] p(t1, t2)
-    observed_pairs = np.zeros((vocab, vocab))
-    np.add.at(observed_pairs, (tokens[:, 0], tokens[:, 1]), 1)
-    assert chi_square_p_value(observed_pairs, samples * pairs) > 1e-3
-    third_marginal = np.einsum("ab,abc->c", pairs, third)  # p(t3)
-    assert chi_square_p_value(np.bincount(tokens[:, 2], minlength=vocab), samples * third_marginal) > 1e-3
+    assert_follows_the_target(tokens, model, params, prompt, sampling, vocab)
+
+
+def test_each_row_of_a_batch_follows_the_targets_distribution():
+    """Rows of different lengths share rounds that keep as many drafts as the row that accepted fewest: every
+    row's tokens still follow the target's distribution for its own prompt."""
+    vocab, samples = 8, 3000
+    sampling = SamplingParams(temperature=1.0, seed=7)
+    model, params = sampling_target("llama", vocab)
+    draft, draft_params = random_small_draft(model)
+    prompts = [prompt_of(6, vocab, seed=4), prompt_of(3, vocab, seed=5), prompt_of(5, vocab, seed=6)]
+    generator = SpeculativeGenerator(model, params, draft, draft_params, 16, k=2)
+    runs = generator.generate_repeats(prompts, 3, sampling, repeats=samples)
+    # The rule bites: rows accepted drafts that their round did not keep.
+    assert np.mean([run.kept_rate for run in runs]) < np.mean([run.acceptance_rate for run in runs]) < 1
+    for row, prompt in enumerate(prompts):
+        tokens = np.array([run.completions[row].tokens for run in runs])  # [samples, 3]
+        assert_follows_the_target(tokens, model, params, prompt, sampling, vocab)
 
 
 def test_draft_vocabulary_must_match():

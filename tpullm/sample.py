@@ -9,8 +9,9 @@ All prompts (and their samples) are decoded together as one batch with the KV ca
 (tpullm/inference/generate.py; with --beams=N, N > 1, beam search instead of sampling,
 tpullm/inference/beam.py); each continuation is printed after its prompt. A single sampled text streams
 to the terminal token by token as it is decoded. With --draft_workdir (a
-smaller model trained with the same tokenizer) each text is decoded alone by speculative decoding
-(tpullm/inference/speculative.py), which keeps the target's distribution; its acceptance rate goes to stderr.
+smaller model trained with the same tokenizer) the batch is decoded by speculative decoding
+(tpullm/inference/speculative.py), which keeps the target's distribution; each text's acceptance rate goes
+to stderr.
 """
 
 import json

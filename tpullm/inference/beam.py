@@ -13,7 +13,9 @@ reaches max_new_tokens) becomes a finished hypothesis scored sum_logprobs / leng
 where the sum and the length count the eos token; each prompt keeps its num_beams best hypotheses.
 A prompt stops with early_stopping=True as soon as it has num_beams hypotheses; with False (HF's
 default) once it has them and its best running beam, normalised by the current length, scores no
-better than the worst of them.
+better than the worst of them; with "never" the same, except that with a positive length_penalty the best
+running beam is normalised by max_new_tokens (its negative summed log-probability divided by the largest
+length ** length_penalty it could reach: the highest score it could still get).
 """
 
 import dataclasses
@@ -48,9 +50,11 @@ def beam_search(
     num_beams: int,
     length_penalty: float = 1.0,
     eos_id: int | None = None,
-    early_stopping: bool = False,
+    early_stopping: bool | str = False,
 ) -> list[list[Hypothesis]]:
-    """Each prompt's num_beams hypotheses, best first."""
+    """Each prompt's num_beams hypotheses, best first. early_stopping: True, False or "never", as in HF."""
+    if early_stopping not in (True, False, "never"):
+        raise UserError(f"early_stopping={early_stopping!r} must be True, False or 'never' (as in Hugging Face)")
     if num_beams < 1:
         raise UserError(f"num_beams={num_beams} must be >= 1")
     if max_new_tokens < 1:
@@ -66,7 +70,8 @@ def beam_search(
             np.int32(max_new_tokens),
             np.int32(-1 if eos_id is None else eos_id),
             np.float32(length_penalty),
-            np.bool_(early_stopping),
+            np.bool_(early_stopping is True),
+            np.bool_(early_stopping == "never"),
         )
     )
     return [
@@ -86,7 +91,7 @@ def _gather(x, index):
 def _search(generator: Generator, k: int):
     model, vocab = generator.model, generator.model.config.vocab_size
 
-    def run(params, tokens, starts, num_prompts, max_new, eos_id, length_penalty, early_stopping):
+    def run(params, tokens, starts, num_prompts, max_new, eos_id, length_penalty, early_stopping, never):
         prompts, length = tokens.shape
         steps = generator.max_length - length
         logits, cache = prefill(model, params, tokens, starts, generator.max_length)  # [prompts, vocab_padded]
@@ -139,7 +144,10 @@ def _search(generator: Generator, k: int):
             done_length = merged(s["done_length"], jnp.where(is_eos, t, t + 1))
             running_score = _gather(still, keep)
             full = jnp.all(jnp.isfinite(done_score), axis=1)
-            improvable = running_score[:, 0] / lengths**length_penalty > done_score[:, -1]
+            # The length at which the best running beam would score highest by HF's estimate: its current one, or
+            # with "never" and a positive penalty max_new_tokens.
+            best_length = jnp.where(never & (length_penalty > 0), max_new.astype(jnp.float32), lengths)
+            improvable = running_score[:, 0] / best_length**length_penalty > done_score[:, -1]
 
             logits, variables = model.apply(
                 {"params": params, "cache": kv_cache.select_rows(s["cache"], rows)},

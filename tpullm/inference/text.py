@@ -1,8 +1,6 @@
 """Text in, text out: continue a batch of prompts with a tokenizer (any object with encode, decode and
 eos_id, e.g. tpullm.data.load_tokenizer's), for the sample command and the end-of-training sample."""
 
-import dataclasses
-
 from tpullm.errors import UserError, warn
 from tpullm.inference.beam import beam_search
 from tpullm.inference.generate import Generator
@@ -27,8 +25,8 @@ def complete_texts(
 ) -> list[str]:
     """Each text's continuation (decoded new tokens), all texts decoded as one batch: sampled, or with
     num_beams > 1 the best beam of a beam search (tpullm/inference/beam.py; `sampling` unused). With
-    `draft` (a (model, params) pair with the target's vocabulary) one text at a time by speculative
-    decoding with `draft_tokens` drafts a round, logging each text's acceptance rate. `stream(piece)`, for
+    `draft` (a (model, params) pair with the target's vocabulary) by speculative decoding with
+    `draft_tokens` drafts a round, logging each text's acceptance rate. `stream(piece)`, for
     one sampled text, gets the text each new token adds while decoding runs.
 
     A model with learned positions cannot see past its position table (model.max_length): such prompts
@@ -58,15 +56,10 @@ def complete_texts(
         warn(f"prompt and generated tokens reach {max_length} tokens, beyond the training length {train_length}")
     if draft:
         speculative = SpeculativeGenerator(model, params, *draft, max_length=max_length, k=draft_tokens)
-        continuations = []
-        for i, prompt in enumerate(prompts):
-            # Each text its own seed, as rows of one Generator batch are.
-            completion, rate = speculative.generate(
-                prompt, max_new_tokens, dataclasses.replace(sampling, seed=sampling.seed + i), tokenizer.eos_id
-            )
+        result = speculative.generate(prompts, max_new_tokens, sampling, tokenizer.eos_id)
+        for i, rate in enumerate(result.acceptance_rates):
             log(f"text {i}: speculative decoding accepted {rate:.1%} of the draft's tokens")
-            continuations.append(tokenizer.decode(completion.tokens))
-        return continuations
+        return [tokenizer.decode(c.tokens) for c in result.completions]
     generator = Generator(model, params, max_length=max_length)
     if num_beams > 1:
         beams = beam_search(generator, prompts, max_new_tokens, num_beams, length_penalty, eos_id=tokenizer.eos_id)
