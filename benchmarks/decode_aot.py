@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from jax.experimental.layout import Format, Layout
 from ml_collections import config_flags
 from step_timing import peak_bytes
 
@@ -68,8 +69,14 @@ def main(argv):
             logits, updated = model.apply(variables, token, positions=positions, cache="decode", mutable=["cache"])
             return logits, updated["cache"]
 
+        # The cache in whatever layout the compiler picks for the step, as it stays inside Generator's loop
+        # (default layouts at the step's boundary would add a transposing copy of the cache each way).
+        cache_formats = jax.tree.map(lambda a: Format(Layout.AUTO, a.sharding), abstract["cache"])
+        param_shardings = jax.tree.map(lambda a: a.sharding, abstract["params"])
+        in_shardings = ({"params": param_shardings, "cache": cache_formats}, row_sharding, row_sharding)
         start = time.perf_counter()
-        compiled = jax.jit(decode, donate_argnums=0).lower(abstract, token, token).compile()
+        step = jax.jit(decode, in_shardings=in_shardings, out_shardings=(None, cache_formats), donate_argnums=0)
+        compiled = step.lower(abstract, token, token).compile()
     stats = compiled.memory_analysis()
     peak = peak_bytes(stats)
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["cache"]))
