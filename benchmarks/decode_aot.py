@@ -5,8 +5,9 @@
 Builds the mesh from the config (`--config.mesh.ici.tensor=4 --config.mesh.ici.data=1` splits the heads
 and the cache's kv heads over 4 chips), lays out the bf16 params and a [layers, batch, cache_length,
 kv_heads, head_dim] cache by the rules table, compiles one decode step (one token per row against
-the cache, `cache="decode"`, the step `Generator`'s loop repeats) and prints the compiler's per-chip
-memory. Needs libtpu (`pip install -e '.[tpu]'`).
+the cache, `cache="decode"`, the step `Generator`'s loop repeats; the cache donated and in the layout the
+compiler picks, as inside that loop) and prints the compiler's per-chip memory. Needs libtpu
+(`pip install -e '.[tpu]'`).
 """
 
 import dataclasses
@@ -85,7 +86,8 @@ def main(argv):
         f"decode step compiled for {topo} in {time.perf_counter() - start:.1f}s; mesh {mesh_lib.describe(mesh)}\n"
         f"{rows} rows x {slots} cache slots, {_DTYPE.value}: params {param_bytes / 2**30:.2f} GiB and cache "
         f"{cache_bytes / 2**30:.2f} GiB in all\n"
-        f"per chip: arguments {aot.size(stats.argument_size_in_bytes).strip()}, temporaries "
+        f"per chip: arguments {aot.size(stats.argument_size_in_bytes).strip()} (donated, reused for outputs: "
+        f"{aot.size(stats.alias_size_in_bytes).strip()}), temporaries "
         f"{aot.size(stats.temp_size_in_bytes).strip()}, peak {aot.size(peak).strip()} of "
         f"{aot.size(topo.chip.hbm_bytes).strip()}"
     )
