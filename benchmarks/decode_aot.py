@@ -5,8 +5,9 @@
 Builds the mesh from the config (`--config.mesh.ici.tensor=4 --config.mesh.ici.data=1` splits the heads
 and the cache's kv heads over 4 chips), lays out the bf16 params and a [layers, batch, cache_length,
 kv_heads, head_dim] cache by the rules table, compiles one decode step (one token per row against
-the cache, `cache="decode"`, the step `Generator`'s loop repeats) and prints the compiler's per-chip
-memory. Needs libtpu (`pip install -e '.[tpu]'`).
+the cache, `cache="decode"`, the step `Generator`'s loop repeats; the cache donated and in the layout the
+compiler picks, as inside that loop) and prints the compiler's per-chip memory. Needs libtpu
+(`pip install -e '.[tpu]'`).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from jax.experimental.layout import Format, Layout
 from ml_collections import config_flags
 from step_timing import peak_bytes
 
@@ -68,8 +70,14 @@ def main(argv):
             logits, updated = model.apply(variables, token, positions=positions, cache="decode", mutable=["cache"])
             return logits, updated["cache"]
 
+        # The cache in whatever layout the compiler picks for the step, as it stays inside Generator's loop
+        # (default layouts at the step's boundary would add a transposing copy of the cache each way).
+        cache_formats = jax.tree.map(lambda a: Format(Layout.AUTO, a.sharding), abstract["cache"])
+        param_shardings = jax.tree.map(lambda a: a.sharding, abstract["params"])
+        in_shardings = ({"params": param_shardings, "cache": cache_formats}, row_sharding, row_sharding)
         start = time.perf_counter()
-        compiled = jax.jit(decode, donate_argnums=0).lower(abstract, token, token).compile()
+        step = jax.jit(decode, in_shardings=in_shardings, out_shardings=(None, cache_formats), donate_argnums=0)
+        compiled = step.lower(abstract, token, token).compile()
     stats = compiled.memory_analysis()
     peak = peak_bytes(stats)
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract["cache"]))
@@ -78,7 +86,8 @@ def main(argv):
         f"decode step compiled for {topo} in {time.perf_counter() - start:.1f}s; mesh {mesh_lib.describe(mesh)}\n"
         f"{rows} rows x {slots} cache slots, {_DTYPE.value}: params {param_bytes / 2**30:.2f} GiB and cache "
         f"{cache_bytes / 2**30:.2f} GiB in all\n"
-        f"per chip: arguments {aot.size(stats.argument_size_in_bytes).strip()}, temporaries "
+        f"per chip: arguments {aot.size(stats.argument_size_in_bytes).strip()} (donated, reused for outputs: "
+        f"{aot.size(stats.alias_size_in_bytes).strip()}), temporaries "
         f"{aot.size(stats.temp_size_in_bytes).strip()}, peak {aot.size(peak).strip()} of "
         f"{aot.size(topo.chip.hbm_bytes).strip()}"
     )

@@ -9,7 +9,12 @@ heads, byte vocabulary), built as a Hugging Face LlamaForCausalLM with random we
 tokens/s counts generated tokens over wall-clock time (median of --repeats, after a warm-up call that
 compiles):
   - cached: `Generator.generate` end to end (prefill of the prompts + the decode loop, one jit call),
-    and its decode steps alone (the time of new_tokens less the time of 1);
+    and decode steps alone (new_tokens jitted steps of its model on the prompts' cache, the fastest of
+    --repeats runs; other work on the machine only ever adds time), also as a multiple of the context's
+    first batch size (batch 8 against batch 1), and the arithmetic rates of the decode
+    steps and of the prefill (FLOPs: 2 per matmul weight per token, plus attention over the keys each
+    token sees, all the cache's slots in a decode step, the whole prompt in the prefill, which XLA
+    computes masked); the prefill's large matmuls show what this machine's XLA reaches;
   - full window: the loop `tpullm.inference.sampling.generate` used to run, one jitted forward pass over
     the whole [batch, context] window per new token (every step costs the same, so --window_steps of
     them are timed and the rate extrapolated);
@@ -17,23 +22,25 @@ compiles):
     = the machine's cores).
 """
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from step_timing import median_seconds
+from step_timing import call_seconds, median_seconds
 
 from tpullm import models
-from tpullm.inference.generate import Generator
+from tpullm.inference.generate import Generator, prefill
 from tpullm.inference.sampling import SamplingParams
 from tpullm.interop import from_hf
+from tpullm.models import kv_cache
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["256", "1024"], "Sequence lengths (prompt + new tokens).")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Rows decoded together.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median; decode, prefill: fastest).")
 _WINDOW_STEPS = flags.DEFINE_integer("window_steps", 4, "Timed full-window steps per measurement.")
 _HF = flags.DEFINE_bool("hf", True, "Also time Hugging Face generate.")
 
@@ -60,14 +67,47 @@ def hf_demo_model(max_length: int):
     return transformers.LlamaForCausalLM(config).to(torch.float32).eval()
 
 
-def cached_rates(model, params, prompts, context: int, new: int, repeats: int) -> tuple[float, float]:
-    """(end to end, decode steps alone): the second from the time of `new` tokens less that of one
-    (the prefill and the first token; the same compilation, max_new_tokens is an input)."""
-    generator = Generator(model, params, max_length=context)
+def cached_rates(generator, prompts, new: int, repeats: int) -> tuple[float, float]:
+    """(end to end tokens/s, prefill seconds): `new` tokens per row, median of repeats; the prefill (with the
+    first token) the fastest call of max_new_tokens=1 (other work on the machine only ever adds time)."""
     greedy = SamplingParams(temperature=0.0)
     full = median_seconds(lambda: generator.generate(prompts, new, greedy), repeats)
-    prefill = median_seconds(lambda: generator.generate(prompts, 1, greedy), repeats)
-    return len(prompts) * new / full, len(prompts) * (new - 1) / (full - prefill)
+    return len(prompts) * new / full, min(call_seconds(lambda: generator.generate(prompts, 1, greedy), repeats))
+
+
+def decode_rate(generator, prompts, new: int, repeats: int) -> float:
+    """Tokens/s of decode steps alone: `new` jitted one-token steps of the Generator's model (the cache
+    donated) on the prompts' prefilled cache, rewound to the prompts' end before each run; the fastest run."""
+    model = generator.model
+    tokens, starts = generator.left_pad(prompts, new)
+    length = tokens.shape[1]
+    slots = generator.cache_length(length, new)
+    _, cache = jax.jit(lambda p, t, s: prefill(model, p, t, s, slots))(generator.params, tokens, starts)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(params, cache, token, positions):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, token, positions=positions, cache="decode", mutable=["cache"]
+        )
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)[:, None], variables["cache"]
+
+    def run():
+        nonlocal cache
+        cache = kv_cache.rewind(cache, length)
+        token = jnp.asarray(tokens[:, -1:])
+        for t in range(new):
+            token, cache = step(generator.params, cache, token, jnp.asarray(length + t - starts)[:, None])
+        jax.block_until_ready(token)
+
+    return len(prompts) * new / min(call_seconds(run, repeats))
+
+
+def flops_per_token(cfg, params, attended: int) -> int:
+    """FLOPs per token through the model: 2 per matmul weight (every `kernel`; the embedding table is a
+    lookup) and attention over `attended` keys (q k^T and p v: 4 x heads x head_dim per key and layer)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    weights = sum(x.size for path, x in leaves if getattr(path[-1], "key", None) == "kernel")
+    return 2 * weights + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * attended
 
 
 def full_window_rate(model, params, prompts, context: int, steps: int, repeats: int) -> float:
@@ -126,17 +166,29 @@ def main(argv):
         f"{new} new tokens per row, greedy; tokens/s (median of {_REPEATS.value})"
     )
     print(
-        "| context | batch | cached tok/s | cached decode-only tok/s | full-window tok/s | cached / full-window |"
+        "| context | batch | cached tok/s | cached decode-only tok/s | decode-only / first batch | decode GFLOP/s "
+        "| prefill GFLOP/s | full-window tok/s | cached / full-window |"
         + (" HF generate tok/s | cached / HF |" if _HF.value else "")
     )
-    print("|---|---|---|---|---|---|" + ("---|---|" if _HF.value else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if _HF.value else ""))
     rng = np.random.default_rng(0)
     for context in contexts:
+        first_decode = None  # the decode-only rate of the context's first batch size
         for batch in batches:
             prompts = rng.integers(2, cfg.vocab_size, (batch, context - new)).tolist()
-            cached, decode = cached_rates(model, params, prompts, context, new, _REPEATS.value)
+            generator = Generator(model, params, max_length=context)
+            cached, prefill_seconds = cached_rates(generator, prompts, new, _REPEATS.value)
+            decode = decode_rate(generator, prompts, new, _REPEATS.value)
+            first_decode = first_decode or decode
+            # a decode step attends to the cache's `context` slots; the prefill's rows to the whole prompt
+            decode_gflops = decode * flops_per_token(cfg, params, context) / 1e9
+            prompt = context - new
+            prefill_gflops = batch * prompt * flops_per_token(cfg, params, prompt) / prefill_seconds / 1e9
             window = full_window_rate(model, params, prompts, context, _WINDOW_STEPS.value, _REPEATS.value)
-            row = f"| {context} | {batch} | {cached:.1f} | {decode:.1f} | {window:.1f} | {cached / window:.1f}x |"
+            row = (
+                f"| {context} | {batch} | {cached:.1f} | {decode:.1f} | {decode / first_decode:.2f}x "
+                f"| {decode_gflops:.1f} | {prefill_gflops:.1f} | {window:.1f} | {cached / window:.1f}x |"
+            )
             if _HF.value:
                 hf = hf_rate(hf_model, prompts, new, _REPEATS.value)
                 row += f" {hf:.1f} | {cached / hf:.2f}x |"

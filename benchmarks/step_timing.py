@@ -10,14 +10,19 @@ from tpullm.parallel import rules
 from tpullm.training import loop
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation
+def call_seconds(fn, repeats: int) -> list[float]:
+    """The wall-clock seconds of `repeats` calls of fn, after a warm-up call (compilation)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def median_step_ms(compiled, setup, rows: dict, steps: int):

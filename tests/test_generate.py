@@ -114,6 +114,17 @@ def test_each_row_of_a_batch_gets_what_it_gets_alone(family):
         np.testing.assert_allclose(completion.logprobs, alone.logprobs, atol=1e-5)
 
 
+def test_the_cache_holds_what_a_call_needs():
+    model, params = tiny("llama")
+    generator = Generator(model, params, max_length=128)
+    # prompt bucket + new tokens, up to a power of two, at most max_length
+    assert [generator.cache_length(16, n) for n in (12, 16, 17, 100)] == [32, 32, 64, 128]
+    prompts = prompts_of((11, 4), seed=12)
+    completions = generator.generate(prompts, 12, GREEDY)  # 16 prompt slots + 12: a 32-slot cache
+    for prompt, completion in zip(prompts, completions):
+        assert completion.tokens == greedy_without_cache(model, params, prompt, 12)
+
+
 def test_eos_and_stop_tokens_end_rows():
     model, params = tiny("llama")
     prompts = prompts_of((5, 9), seed=3)

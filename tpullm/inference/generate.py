@@ -6,8 +6,9 @@
 
 Prompts are left-padded to a common length (right-aligned), so every row's next token goes to the same
 cache index and a step is one dense write for the whole batch; each row's positions start at 0 at its
-first real token and the cache masks its padding (tpullm/models/kv_cache.py). The prompt length and
-the batch are padded up to buckets (powers of two), so one compilation serves many calls.
+first real token and the cache masks its padding (tpullm/models/kv_cache.py). The prompt length, the
+batch and the cache's length (prompt + max_new_tokens, at most max_length) are padded up to buckets
+(powers of two), so one compilation serves many calls.
 """
 
 import dataclasses
@@ -107,6 +108,11 @@ class Generator:
             starts[i] = length - len(prompt)
         return tokens, starts
 
+    def cache_length(self, prompt_length: int, max_new_tokens: int) -> int:
+        """The tokens a call's cache has room for: the (bucketed) prompt length + max_new_tokens, up to a
+        power of two so calls share compilations, and at most max_length."""
+        return min(bucket(prompt_length + max_new_tokens), self.max_length)
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -127,10 +133,12 @@ class Generator:
         if max_new_tokens == 0:
             return [Completion([], [], FINISH_REASONS[LENGTH]) for _ in prompts]
         stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
-        # One jit per set of filters (the seed is an input); it compiles once per (rows, length) bucket.
+        # One jit per set of filters and cache length (the seed is an input); it compiles once per (rows,
+        # length) bucket.
         filters = dataclasses.replace(sampling, seed=0)
         stream = on_token is not None
-        run = self.compiled((filters, stream), lambda: self._compile(filters, stream))
+        total = self.cache_length(tokens.shape[1], max_new_tokens)
+        run = self.compiled((filters, stream, total), lambda: self._compile(filters, stream, total))
         self._on_token = on_token
         out, logprobs, reasons, lengths = jax.device_get(
             run(
@@ -158,13 +166,14 @@ class Generator:
         for row in np.flatnonzero(kept):
             self._on_token(int(row), int(tokens[row]))
 
-    def _compile(self, sampling: SamplingParams, stream: bool = False):
+    def _compile(self, sampling: SamplingParams, stream: bool, total: int):
+        """The jitted prefill and decode loop for sequences of at most `total` tokens (the cache's length)."""
         model, vocab = self.model, self.model.config.vocab_size
 
         def run(params, tokens, starts, num_prompts, max_new, eos_id, stops, key):
             rows, length = tokens.shape
-            steps = self.max_length - length  # the most tokens a row can generate
-            logits, cache = prefill(model, params, tokens, starts, self.max_length)
+            steps = total - length  # the most tokens a row can generate
+            logits, cache = prefill(model, params, tokens, starts, total)
             row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
             state = dict(
                 step=jnp.int32(0),

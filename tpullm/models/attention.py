@@ -34,8 +34,9 @@ class Attention(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):
-        """x: [batch, length, embed]; segment_ids, positions: [batch, length] int."""
+    def __call__(self, x, segment_ids, positions, layer=None):
+        """x: [batch, length, embed]; segment_ids, positions: [batch, length] int; layer: for cache="decode",
+        this layer's index in the cache's [layers, ...] stack (kv_cache.decode)."""
         cfg = self.config
         d, h, kv, hd = x.shape[-1], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = self.projection(
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         if self.cache == "prefill":
             out = kv_cache.prefill(self, cfg, q, k, v, segment_ids, self.cache_slots)
         elif self.cache == "decode":
-            out = kv_cache.decode(self, cfg, q, k, v, positions)
+            out = kv_cache.decode(self, cfg, q, k, v, positions, layer)
         elif cfg.sequence_attention == "ring":
             out = ring_attention.ring_attention(
                 q,

@@ -1,8 +1,9 @@
 """The key/value cache of one attention layer, for generation: prefill, decode steps (one token per row, or
 several to verify speculative drafts) and rewinding to drop tokens that were not accepted.
 
-The cache lives in the linen collection "cache" (scanned with the layers, so every leaf gains a
-leading `layers` axis): `cached_key` and `cached_value` [batch, slots, kv_heads, head_dim] and `index`, the row
+The cache lives in the linen collection "cache", every leaf with a leading `layers` axis (prefill writes
+it per layer in the layer scan; decode steps carry it whole through the scan and update it in place):
+`cached_key` and `cached_value` [layers, batch, slots, kv_heads, head_dim] and `index` [layers], the row
 index of the next token (the same for every row: prompts are left-padded, so all rows end on the
 same index and each step writes one slot for the whole batch). Token index i lives in slot
 i % slots. Without a sliding window the cache has a slot for every token (slots = the longest
@@ -76,10 +77,13 @@ def prefill(module: nn.Module, cfg: ModelConfig, q, k, v, segment_ids, num_slots
     return dot_product_attention(q, k, v, mask)
 
 
-def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions):
+def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions, layer):
     """New tokens (one per row, or several for speculative verification) against the cache, which they join.
 
-    q: [b, m, heads, hd]; k, v: [b, m, kv_heads, hd]; positions: [b, m] each query's position.
+    q: [b, m, heads, hd]; k, v: [b, m, kv_heads, hd]; positions: [b, m] each query's position; layer: this
+    layer's index in the cache, which the decoding scan carries whole (transformer.decoding_stack):
+    `cached_key`/`cached_value` [layers, b, slots, kv_heads, hd] and `index` [layers]. The new keys and values
+    go into the carried stack with one dynamic_update_slice per token, which XLA does in place.
     Returns [b, m, heads, hd].
 
     Query j sees the cache and the new tokens up to itself: a new token after it sits in a slot whose age
@@ -89,19 +93,24 @@ def decode(module: nn.Module, cfg: ModelConfig, q, k, v, positions):
     if not module.has_variable("cache", "cached_key"):
         raise ValueError("decode needs a cache: run the prompt with cache='prefill' first")
     key, value, index = _variables(module, None, None)
-    n, now, m = key.value.shape[1], index.value, q.shape[1]
-    written = (now + jnp.arange(m)) % n  # [m] the slots of the new tokens (a ring may wrap within them)
-    keys = key.value.at[:, written].set(k.astype(key.value.dtype))
-    values = value.value.at[:, written].set(v.astype(value.value.dtype))
-    keys = nn.with_logical_constraint(keys, CACHE_AXES)
-    values = nn.with_logical_constraint(values, CACHE_AXES)
-    key.value, value.value, index.value = keys, values, now + m
+    keys, values = key.value, value.value  # [layers, b, slots, kv_heads, hd]
+    n, now, m = keys.shape[2], index.value[layer], q.shape[1]
+    for j in range(m):  # token by token: a ring may wrap within them
+        at = (layer, 0, (now + j) % n, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k[None, :, j : j + 1].astype(keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(values, v[None, :, j : j + 1].astype(values.dtype), at)
+    keys = nn.with_logical_constraint(keys, ("layers",) + CACHE_AXES)
+    values = nn.with_logical_constraint(values, ("layers",) + CACHE_AXES)
+    key.value, value.value = keys, values
+    index.value = index.value.at[layer].set(now + m)
     # [m, slots] how many tokens before query j each slot's key is
     age = (now + jnp.arange(m)[:, None] - jnp.arange(n)[None, :]) % n
     mask = age[None] <= positions[:, :, None]  # [b, m, slots]
     if cfg.sliding_window:  # a cache longer than the window (slots() gives exactly the window)
         mask &= age[None] < cfg.sliding_window
-    return dot_product_attention(q, keys, values, mask)
+    layer_keys = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)  # [b, slots, kv_heads, hd]
+    layer_values = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+    return dot_product_attention(q, layer_keys, layer_values, mask)
 
 
 def select_rows(cache, rows):

@@ -34,10 +34,11 @@ class DecoderBlock(nn.Module):
     cache_slots: int = 0
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):  # x: [batch, length, embed]
+    def __call__(self, x, segment_ids, positions, layer=None):  # x: [batch, length, embed]
+        """layer: the scan step, for cache="decode" (the cache's [layers, ...] row this block writes)."""
         cfg = self.config
         attention = Attention(cfg, self.cache, self.cache_slots, name="attention")
-        x = x + attention(make_norm(cfg, "attn_norm")(x), segment_ids, positions)
+        x = x + attention(make_norm(cfg, "attn_norm")(x), segment_ids, positions, layer)
         h = make_norm(cfg, "mlp_norm")(x)
         x = x + (MoeMlp(cfg, name="moe")(h, segment_ids) if self.moe else Mlp(cfg, name="mlp")(h))
         return nn.with_logical_constraint(x, ACTIVATION), None
@@ -52,11 +53,11 @@ class BlockGroup(nn.Module):
     cache_slots: int = 0
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, layer=None):
         n = self.config.moe_every
         for i in range(n):
             block = DecoderBlock(self.config, i == n - 1, self.cache, self.cache_slots, name=f"layer_{i}")
-            x, _ = block(x, segment_ids, positions)
+            x, _ = block(x, segment_ids, positions, layer)
         return x, None
 
 
@@ -85,6 +86,24 @@ def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True)
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return stack, kwargs, length or full
+
+
+def decoding_stack(cfg: ModelConfig):
+    """(scanned module class, its extra kwargs, scan length) for cache="decode": the params scanned as in
+    `layer_stack`, the "cache" collection carried whole ([layers, ...] leaves) and the layer index scanned in.
+    Each step writes its layer's new keys and values into the carried buffer (kv_cache.decode), which XLA
+    updates in place; scanning the cache instead would stack every layer's updated cache into a new buffer."""
+    block, kwargs, length = scan_body(cfg)
+    stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        variable_carry="cache",
+        split_rngs={"params": True, "router": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return stack, kwargs, length
 
 
 class Decoder(nn.Module):
@@ -126,8 +145,11 @@ class Decoder(nn.Module):
 
         if cfg.pipeline_microbatches:
             x = self.pipelined_layers(x, segment_ids, positions)
+        elif cache == "decode":
+            stack, kwargs, length = decoding_stack(cfg)
+            x, _ = stack(cfg, **kwargs, cache=cache, name="layers")(x, segment_ids, positions, jnp.arange(length))
         else:
-            stack, kwargs, _ = layer_stack(cfg)
+            stack, kwargs, _ = layer_stack(cfg, remat=not cache)  # generation takes no gradients
             layers = stack(cfg, **kwargs, cache=cache, cache_slots=cache_slots, name="layers")
             x, _ = layers(x, segment_ids, positions)
 
