@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,6 @@ def pipe_config(ici=None, model=None):
 def _run(config, devices, train_step):
     """(loss, natural-layout grads, step metrics, natural params after the step, init params (natural),
     params['layers'] bytes total and per device, {collective: count} in the compiled gradient)."""
-    import flax.linen as nn
     from test_parallel import random_batch
 
     from tpullm.training.loss import cross_entropy
@@ -135,7 +135,6 @@ def _moe_reference_loss(model, params, batch, m: int):
 
 def _moe_worker():
     """Mixtral-tiny pipelined on stage=2 x expert=2 x data=2 against the unpipelined model on one device."""
-    import flax.linen as nn
     from test_parallel import random_batch
 
     from tpullm.training.step import _train_sums
@@ -310,9 +309,7 @@ def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
     s = pipeline.Schedule(stages, microbatches, repeats)
     weights = jnp.arange(1.0, repeats * stages + 1).reshape(repeats, stages) / 7  # group r*S+s on stage s
     x = jnp.arange(microbatches, dtype=jnp.float32)
-    (out, count), _ = pipeline.gpipe(
-        lambda w, c, item: ((2 * c[0] + w, c[1] + 1), ()), weights, (x, jnp.zeros_like(x)), s
-    )
+    out, count = _ToyPipeline(s).apply({"params": {"stage": {"w": weights}}}, x)
     expected = np.asarray(x, np.float64)
     for w in np.asarray(weights, np.float64).reshape(-1):  # the unpipelined order: group 0, 1, ...
         expected = 2 * expected + w
@@ -328,6 +325,25 @@ def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
     for stage in range(stages):  # each stage sees laps in order, microbatches in order within a lap
         work = [row[stage] for row in table if row[stage] is not None]
         assert work == [(r, m) for r in range(repeats) for m in range(microbatches)]
+
+
+class _Affine(nn.Module):
+    """The toy stage: (x, count) -> (2x + w, count + 1), one scalar weight w per layer group."""
+
+    @nn.compact
+    def __call__(self, x, count):
+        return 2 * x + self.param("w", nn.initializers.zeros, ()), count + 1
+
+
+class _ToyPipeline(nn.Module):
+    """`_Affine` run by the schedule; its weights stored [R, S] (lap, stage)."""
+
+    schedule: pipeline.Schedule
+
+    @nn.compact
+    def __call__(self, x):  # x: [M]
+        stage_fn = lambda stage, carry: stage(*carry)  # noqa: E731
+        return pipeline.gpipe(_Affine(name="stage"), stage_fn, lambda v: v, (x, jnp.zeros_like(x)), self.schedule)
 
 
 def schedule_table(s: pipeline.Schedule):
