@@ -232,10 +232,7 @@ def gpipe(layers: nn.Module, stage_fn, view, inputs, schedule: Schedule, logical
         return jax.tree.map(lambda w: take_lap(w, laps) if r_count > 1 else w[0], params)
 
     run_stages = nn.vmap(
-        stage_fn,
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={True: True},
-        spmd_axis_name=spmd,
+        stage_fn, variable_axes={"params": 0, "intermediates": 0}, split_rngs={True: True}, spmd_axis_name=spmd
     )
 
     # One iteration's stage computation: the stages' weights for their current laps, then the layers.
@@ -263,11 +260,7 @@ def gpipe(layers: nn.Module, stage_fn, view, inputs, schedule: Schedule, logical
         return (state, buffer), None
 
     iterations = nn.scan(
-        iteration,
-        variable_axes={"intermediates": 0},
-        variable_broadcast="params",
-        split_rngs={True: True},
-        length=schedule.iterations,
+        iteration, variable_axes={"intermediates": 0}, variable_broadcast="params", split_rngs={True: True}
     )
 
     def run(layers, carry):
