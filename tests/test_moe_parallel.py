@@ -98,7 +98,8 @@ def _run(config, devices, state0=None):
     import flax.linen as nn
     from test_parallel import random_batch
 
-    from tpullm.training.step import _train_sums
+    from tpullm.parallel.microbatches import real_tokens
+    from tpullm.training.step import _train_sums, objective
 
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg, devices)
@@ -108,8 +109,8 @@ def _run(config, devices, state0=None):
     )
 
     def loss_fn(params, batch):  # the train step's objective
-        sums, _ = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
-        return sums[0] / sums[3]
+        sums, moe = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
+        return objective(setup.model, sums, moe, sums[3], real_tokens(batch["segment_ids"]))
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         if state0 is None:

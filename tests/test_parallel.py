@@ -347,5 +347,20 @@ def test_collectives_count_every_run_of_the_loops_around_them():
     assert t["collective-permute"].runs == 0
 
 
+def test_a_combined_collective_counts_its_whole_tuple():
+    """XLA merges many weights' gradients into one all-reduce of a tuple: every element moves."""
+    from tpullm.parallel import collectives
+
+    hlo = """HloModule m
+
+ENTRY %main (a: f32[2,8], b: f32[4]) -> f32[2,8] {
+  %r = (f32[2,8]{1,0}, /*index=1*/f32[4]{0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
+  ROOT %o = f32[2,8]{1,0} get-tuple-element(%r), index=0
+}
+"""
+    t = collectives.executed(hlo)["all-reduce"]
+    assert (t.runs, t.bytes) == (1, (2 * 8 + 4) * 4)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,6 @@ def pipe_config(ici=None, model=None):
 def _run(config, devices, train_step):
     """(loss, natural-layout grads, step metrics, natural params after the step, init params (natural),
     params['layers'] bytes total and per device, {collective: count} in the compiled gradient)."""
-    import flax.linen as nn
     from test_parallel import random_batch
 
     from tpullm.training.loss import cross_entropy
@@ -135,10 +135,10 @@ def _moe_reference_loss(model, params, batch, m: int):
 
 def _moe_worker():
     """Mixtral-tiny pipelined on stage=2 x expert=2 x data=2 against the unpipelined model on one device."""
-    import flax.linen as nn
     from test_parallel import random_batch
 
-    from tpullm.training.step import _train_sums
+    from tpullm.parallel.microbatches import real_tokens
+    from tpullm.training.step import _train_sums, objective
 
     ici, pipe = MOE_MESH
     config = pipe_config(ici, {**MIXTRAL_TINY, **pipe})
@@ -153,8 +153,8 @@ def _moe_worker():
     loss0, grads0 = jax.device_get(reference(state0.params, host_batch))
 
     def loss_fn(params, batch):  # the train step's objective
-        sums, _ = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
-        return sums[0] / sums[3]
+        sums, moe = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
+        return objective(setup.model, sums, moe, sums[3], real_tokens(batch["segment_ids"]))
 
     batch_sharding = rules.batch_sharding(setup.mesh)
     batch = loop.put_batch(host_batch, batch_sharding)
@@ -310,9 +310,7 @@ def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
     s = pipeline.Schedule(stages, microbatches, repeats)
     weights = jnp.arange(1.0, repeats * stages + 1).reshape(repeats, stages) / 7  # group r*S+s on stage s
     x = jnp.arange(microbatches, dtype=jnp.float32)
-    (out, count), _ = pipeline.gpipe(
-        lambda w, c, item: ((2 * c[0] + w, c[1] + 1), ()), weights, (x, jnp.zeros_like(x)), s
-    )
+    out, count = _ToyPipeline(s).apply({"params": {"stage": {"w": weights}}}, x)
     expected = np.asarray(x, np.float64)
     for w in np.asarray(weights, np.float64).reshape(-1):  # the unpipelined order: group 0, 1, ...
         expected = 2 * expected + w
@@ -328,6 +326,25 @@ def test_schedule_runs_every_lap_in_order(stages, microbatches, repeats):
     for stage in range(stages):  # each stage sees laps in order, microbatches in order within a lap
         work = [row[stage] for row in table if row[stage] is not None]
         assert work == [(r, m) for r in range(repeats) for m in range(microbatches)]
+
+
+class _Affine(nn.Module):
+    """The toy stage: (x, count) -> (2x + w, count + 1), one scalar weight w per layer group."""
+
+    @nn.compact
+    def __call__(self, x, count):
+        return 2 * x + self.param("w", nn.initializers.zeros, ()), count + 1
+
+
+class _ToyPipeline(nn.Module):
+    """`_Affine` run by the schedule; its weights stored [R, S] (lap, stage)."""
+
+    schedule: pipeline.Schedule
+
+    @nn.compact
+    def __call__(self, x):  # x: [M]
+        stage_fn = lambda stage, carry: stage(*carry)  # noqa: E731
+        return pipeline.gpipe(_Affine(name="stage"), stage_fn, lambda v: v, (x, jnp.zeros_like(x)), self.schedule)
 
 
 def schedule_table(s: pipeline.Schedule):
@@ -412,6 +429,43 @@ def test_pipelined_moe_sows_each_layers_losses_over_its_microbatches(moe):
     noisy = [jittery.apply({"params": params}, tokens, segments, rngs={"router": jax.random.key(k)}) for k in (7, 7, 8)]
     np.testing.assert_array_equal(noisy[0], noisy[1])
     assert np.abs(np.asarray(noisy[0] - logits)).max() > 0 and np.abs(np.asarray(noisy[0] - noisy[2])).max() > 0
+
+
+def test_pipeline_and_gradient_accumulation_weigh_router_losses_alike():
+    """The same two microbatches, as the pipeline's or as gradient accumulation's: the same loss,
+    router losses and gradient norm, with one microbatch half padding and a loss mask that counts
+    fewer tokens than the real ones (both weigh a microbatch's router losses by its real tokens)."""
+    import optax
+
+    from tpullm.training.state import TrainState
+    from tpullm.training.step import make_train_step
+
+    moe = dict(num_experts=4, experts_per_token=2, router_aux_loss=1.0, router_z_loss=0.1)
+    cfg = _model(**moe, pipeline_stages=2, pipeline_microbatches=2)
+    plain = dataclasses.replace(cfg, pipeline_stages=1, pipeline_microbatches=0)
+    params = init_params(Decoder(cfg), jax.random.key(3))  # one repeat: the unpipelined tree
+    rng = np.random.default_rng(0)
+    segments = np.ones((4, 16), np.int32)
+    segments[1, 8:] = 0  # row 1 (microbatch 1) half padding
+    loss_mask = (segments > 0).astype(np.float32)
+    loss_mask[0, :12] = 0  # microbatch 0 has few loss tokens
+    batch = {
+        "tokens": rng.integers(0, 64, (4, 16)),
+        "targets": rng.integers(0, 64, (4, 16)),
+        "segment_ids": segments,
+        "positions": np.broadcast_to(np.arange(16), (4, 16)),
+        "loss_mask": loss_mask,
+    }
+    opt = optax.sgd(0.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+
+    def step_metrics(model_cfg, accum):
+        step = make_train_step(Decoder(model_cfg), opt, lambda s: 0.0, grad_accum_steps=accum)
+        return jax.device_get(jax.jit(step)(state, batch)[1])
+
+    piped, accumulated = step_metrics(cfg, 1), step_metrics(plain, 2)
+    for name in ("loss", "ce", "moe_aux_loss", "moe_z_loss", "grad_norm"):
+        assert float(piped[name]) == pytest.approx(float(accumulated[name]), rel=1e-5), name
 
 
 def test_repeats_keep_no_copy_of_the_weights_per_iteration():

@@ -17,12 +17,14 @@ iteration, at the memory cost of a stage's weights and gradients whole over FSDP
 iteration's weight gradients are still summed over the batch axes inside the loop: XLA does not
 move that reduction out of it).
 
-Random keys and sown values pass through the schedule. Each stage runs its layers with the
-"router" rng folded with its work item (so a microbatch's lap draws the same noise wherever the
-schedule puts it), and returns what its layers sow; `per_layer` drops the bubble's slots and
-averages each layer's values over its microbatches, weighted by their real tokens. MoE models
-therefore pipeline with their router losses, and expert parallelism's all-to-alls run inside
-the stages (`mapped_axes`: the stage axis is manual in every shard_map a stage runs).
+The schedule is linen (`nn.vmap` over the stages, `nn.scan` over the iterations, `nn.map_variables`
+for the views of the stored weights; see `gpipe`), so random keys and sown values flow through it.
+The rngs are split per iteration, then per stage: stage s runs item t - s at iteration t, so each
+microbatch's pass through each layer group draws its own keys. Sown values come out per iteration
+and stage; `per_layer` drops the bubble's slots and averages each layer's values over its
+microbatches, weighted by their real tokens. MoE models therefore pipeline with
+their router losses, and expert parallelism's all-to-alls run inside the stages (`mapped_axes`:
+the stage axis is manual in every shard_map a stage runs).
 
 Remat: the config's policy wraps one iteration's stage computation (all K layers of each stage),
 so with "full" the backward pass keeps one microbatch per stage and iteration. Without remat
@@ -56,14 +58,13 @@ and converts them, so both models start from identical values for the same seed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tpullm.parallel import rules
-from tpullm.parallel.microbatches import merge_microbatches, split_microbatches
+from tpullm.parallel.microbatches import merge_microbatches, real_tokens, split_microbatches
 
 STAGE = "activation_stage"
 
@@ -195,19 +196,25 @@ def keep_all_but_views(prim, *_, **__) -> bool:
     return prim.name not in _VIEWS
 
 
-def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, policy=keep_all_but_views):
-    """Runs the circular GPipe schedule.
+def gpipe(layers: nn.Module, stage_fn, view, inputs, schedule: Schedule, logical_axes=None, policy=keep_all_but_views):
+    """Runs the circular GPipe schedule with linen's lifted transforms on `layers`.
 
-    stage_fn(w, x, item) -> (x, out): one stage's layers for one microbatch; x is a pytree (what
-      travels with a microbatch), w the stage's weights for one lap, item the work item the stage
-      is on (lap * M + microbatch; outside 0 .. M*R-1 in the bubble), out anything the stage
-      reports (sown values), collected per iteration and stage.
-    weights: leaves [R, S, ...] (lap, stage). inputs: pytree with leaves [M, ...] (microbatch-major).
+    layers: the (child) module of one stage's layers; `view` maps its stored variables (the
+      "params" collection) to leaves [R, S, ...] (lap, stage), of which it sees one stage's lap.
+    stage_fn(layers, x) -> x: one stage on one microbatch; x is a pytree (what travels with a
+      microbatch). What the layers sow lands in their collections with leaves [iterations, S, ...].
+    inputs: pytree with leaves [M, ...] (microbatch-major).
     logical_axes: pytree like one microbatch of `inputs` with the logical axis names of each leaf
       (None: no sharding constraints).
     policy: what the backward pass keeps of one iteration's stage computation (a jax.checkpoint
       policy; None keeps only its inputs).
-    Returns (outputs with leaves [M, ...], outs with leaves [iterations, S, ...]).
+    Returns outputs with leaves [M, ...].
+
+    Lifted transforms, outside in: `nn.map_variables` applies `view` once, before the schedule;
+    `nn.scan` runs the iterations (params broadcast, sown values stacked, rngs split per iteration);
+    `nn.remat` wraps one iteration's stage computation; `nn.map_variables` takes each stage's
+    weights for the lap it is on; `nn.vmap` runs the stages at once (params, sown values and rngs
+    split over the stage axis, which lands on the mesh axes the rules give `activation_stage`).
 
     The microbatch buffer (inputs, then finished laps) is needed only by stage 0, which both feeds
     from it and, after the shift, holds the last stage's output. So every stage keeps a copy
@@ -217,58 +224,70 @@ def gpipe(stage_fn, weights, inputs, schedule: Schedule, logical_axes=None, poli
     """
     s_count, m_count, r_count = schedule.stages, schedule.microbatches, schedule.repeats
     stage_ids = jnp.arange(s_count)
-    # vmap over stages keeps the layers' own sharding constraints and puts the stage axis on the
-    # mesh axis the rules give `activation_stage`.
     spmd = (rules.mesh_axes(STAGE) or None) if logical_axes is not None else None
-    run_stages = jax.vmap(stage_fn, spmd_axis_name=spmd)
     take_lap = jax.vmap(lambda w, lap: w[lap], in_axes=(1, 0), spmd_axis_name=spmd)
 
-    # One iteration's stage computation: the stages' weights for their current laps, then the layers.
-    @functools.partial(jax.checkpoint, policy=policy, prevent_cse=False)
-    def stage_step(weights, items, state):
+    def current_laps(params, items):  # leaves [R, S, ...] -> [S, ...]: each stage's lap
         laps = jnp.clip(items // m_count, 0, r_count - 1)  # [S]
-        w = jax.tree.map(lambda w: take_lap(w, laps), weights) if r_count > 1 else jax.tree.map(lambda w: w[0], weights)
-        return run_stages(w, state, items)
+        return jax.tree.map(lambda w: take_lap(w, laps) if r_count > 1 else w[0], params)
+
+    run_stages = nn.vmap(
+        stage_fn, variable_axes={"params": 0, "intermediates": 0}, split_rngs={True: True}, spmd_axis_name=spmd
+    )
+
+    # One iteration's stage computation: the stages' weights for their current laps, then the layers.
+    def stage_step(layers, items, state):
+        laps = nn.map_variables(run_stages, "params", trans_in_fn=lambda v: current_laps(v, items))
+        return laps(layers, state)
+
+    stage_step = nn.remat(stage_step, policy=policy, prevent_cse=False)
 
     def on_first_stage(new, old):  # new where the stage is 0, old elsewhere
         return jnp.where((stage_ids == 0).reshape(-1, *[1] * (old.ndim - 1)), new, old)
 
-    def iteration(carry, t):
+    def iteration(layers, carry, t):
         state, buffer = carry  # state leaves [S, ...]; buffer leaves [S, M, ...]
         # 1. inject: stage 0 starts item t, i.e. microbatch t % M (its input, or its previous lap).
         state = jax.tree.map(lambda s, b: on_first_stage(b[:, t % m_count], s), state, buffer)
         # 2. every stage at once, each with the weights of the lap it is on.
-        state, out = stage_step(weights, schedule.item(t, stage_ids), state)
-        state = _constrain(state, logical_axes, STAGE)
+        state = _constrain(stage_step(layers, schedule.item(t, stage_ids), state), logical_axes, STAGE)
         # 3. shift every slot one stage on: the last stage's output wraps around to stage 0.
         state = _constrain(jax.tree.map(lambda s: jnp.roll(s, 1, axis=0), state), logical_axes, STAGE)
         # 4. collect: that output is item t - (S-1), finished (nothing yet in the first S-1 iterations).
         done = schedule.item(t, s_count - 1)
         slot = done % m_count
         buffer = jax.tree.map(lambda b, s: b.at[:, slot].set(jnp.where(done >= 0, s, b[:, slot])), buffer, state)
-        return (state, buffer), out
+        return (state, buffer), None
+
+    iterations = nn.scan(
+        iteration, variable_axes={"intermediates": 0}, variable_broadcast="params", split_rngs={True: True}
+    )
+
+    def run(layers, carry):
+        (_, buffer), _ = iterations(layers, carry, jnp.arange(schedule.iterations))
+        return jax.tree.map(lambda b: b[0], buffer)
 
     state = jax.tree.map(lambda x: jnp.zeros((s_count, *x.shape[1:]), x.dtype), inputs)
     buffer = jax.tree.map(lambda x: jnp.broadcast_to(x, (s_count, *x.shape)), inputs)
     carry = (_constrain(state, logical_axes, STAGE), _constrain(buffer, logical_axes, STAGE, None))
-    (_, buffer), outs = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
-    return jax.tree.map(lambda b: b[0], buffer), outs
+    return nn.map_variables(run, "params", trans_in_fn=view)(layers, carry)
 
 
 def per_layer(values, weight, schedule: Schedule):
     """Per-slot values of a run -> one value per layer, in layer order.
 
     values: leaves [iterations, S, K, ...] (what each stage's K layers reported at each iteration);
-    weight: [iterations, S], how much each slot counts (its real tokens). Bubble slots count
-    nothing; each layer's value is the weighted mean over the M microbatches that passed through
-    it. Returns leaves [R*S*K, ...], layer (r*S + s)*K + k at index (r*S + s)*K + k.
+    weight: [M], how much each microbatch counts. Bubble slots count nothing; each layer's value
+    is the weighted mean over the M microbatches that passed through it. Returns leaves
+    [R*S*K, ...], layer (r*S + s)*K + k at index (r*S + s)*K + k.
     """
     t = jnp.arange(schedule.iterations)[:, None]
     item = schedule.item(t, jnp.arange(schedule.stages)[None, :])  # [T, S]
     valid = (item >= 0) & (item < schedule.microbatches * schedule.repeats)
     lap = jnp.where(valid, item // schedule.microbatches, -1)
     # [R, T, S]: each layer group's share of every slot.
-    share = jnp.where(lap[None] == jnp.arange(schedule.repeats)[:, None, None], weight[None], 0.0)
+    slot_weight = weight[item % schedule.microbatches]  # [T, S]
+    share = jnp.where(lap[None] == jnp.arange(schedule.repeats)[:, None, None], slot_weight[None], 0.0)
     share = share / jnp.maximum(share.sum(axis=1, keepdims=True), 1e-30)
 
     def combine(v):  # [T, S, K, ...] -> [R*S*K, ...]
@@ -279,47 +298,51 @@ def per_layer(values, weight, schedule: Schedule):
     return jax.tree.map(combine, values)
 
 
-def gathered_over_fsdp(weights, stage_module, sample):
+def gathered_over_fsdp(weights, layers: nn.Module, sample):
     """The stages' weights (leaves [R, S, K, ...]) constrained whole over the FSDP axes (the mesh axes
     of `embed`) and split as the rules say otherwise: stage on S, experts, tensor. XLA then
     all-gathers a stage's weights once before the schedule, not at every iteration; each device
     holds its stage's weights whole over FSDP for the step. `sample`: one microbatch's inputs, to
-    read the logical names of the stage's weights from an abstract init of `stage_module`."""
-    abstract = jax.eval_shape(lambda: stage_module.init(jax.random.key(0), *sample))
-    names = nn.get_partition_spec(abstract)["params"]  # leaves ('layers', ...): [K, ...]
+    read the logical names of the stage's weights from an abstract init of a copy of `layers`."""
+    unbound = layers.clone(parent=None)
+    names = nn.get_partition_spec(jax.eval_shape(lambda: unbound.init(jax.random.key(0), *sample)))
 
     def constrain(w, spec):
         rest = tuple(None if n == "embed" else n for n in tuple(spec)[1:])
         return nn.with_logical_constraint(w, (None, "layers", None, *rest))
 
-    return jax.tree.map(constrain, weights, names)
+    return jax.tree.map(constrain, weights, {"params": names["params"]})
 
 
-def run_layers(stage_module, layers, x, segment_ids, positions, cfg, activation_axes, policy, router_key=None):
+def run_layers(layers: nn.Module, x, segment_ids, positions, cfg, activation_axes, policy):
     """The decoder's layer stack as a pipeline.
 
-    stage_module: an unbound module applying K layers (the scan of one group, without remat):
-      (x, segment_ids, positions) -> (x, _). layers: the stored layer params. x: [batch, length,
-      embed]; segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
+    layers: the child module applying K layers (the scan of one group, without remat), named as the
+      stored layer params: (x, segment_ids, positions) -> (x, _). x: [batch, length, embed];
+      segment_ids, positions: [batch, length]; batch must divide by pipeline_microbatches.
     policy: the remat policy of one iteration's stage computation (see `gpipe`).
-    router_key: the "router" rng (MoE router jitter) or None; work item i draws from fold_in(key, i).
-    Returns (x, intermediates): what the layers sow, one entry per layer in layer order (as the
-    unpipelined stack sows it), each the mean over microbatches weighted by their real tokens
-    (segment id > 0), as gradient accumulation over the same microbatches weighs them.
+    Returns x. What the layers sow lands in their collections one entry per layer in layer order
+    (as the unpipelined stack sows it), each the mean over microbatches weighted by their real
+    tokens (`real_tokens`), as gradient accumulation over the same microbatches weighs them.
     """
     m = cfg.pipeline_microbatches
     schedule = Schedule(cfg.pipeline_stages, m, cfg.pipeline_repeats)
-
-    def stage_fn(w, carry, item):  # w leaves [K, ...]; carry: one microbatch and its segments/positions
-        h, seg, pos = carry
-        rngs = {} if router_key is None else {"router": jax.random.fold_in(router_key, jnp.maximum(item, 0))}
-        (h, _), sown = stage_module.apply({"params": w}, h, seg, pos, rngs=rngs, mutable=["intermediates"])
-        return (h, seg, pos), (jnp.sum(seg > 0), sown.get("intermediates", {}))
-
     inputs = tuple(split_microbatches(a, m) for a in (x, segment_ids, positions))
     axes = (activation_axes, activation_axes[:2], activation_axes[:2])
-    weights = stage_weights(layers, cfg)
-    if cfg.pipeline_gather_once:
-        weights = gathered_over_fsdp(weights, stage_module, tuple(a[0] for a in inputs))
-    (out, _, _), (tokens, sown) = gpipe(stage_fn, weights, inputs, schedule, axes, policy)
-    return merge_microbatches(out), per_layer(sown, tokens.astype(jnp.float32), schedule)
+
+    def view(variables):  # the stored layer params -> [R, S, K, ...], gathered over FSDP if configured
+        weights = stage_weights(nn.unbox(variables), cfg)
+        return gathered_over_fsdp(weights, layers, tuple(a[0] for a in inputs)) if cfg.pipeline_gather_once else weights
+
+    def stage_fn(layers, carry):  # carry: one microbatch and its segments/positions
+        h, seg, pos = carry
+        return layers(h, seg, pos)[0], seg, pos
+
+    weight = jax.vmap(real_tokens)(inputs[1])  # [M]
+    pipelined = nn.map_variables(
+        lambda layers: gpipe(layers, stage_fn, view, inputs, schedule, axes, policy),
+        "intermediates",
+        trans_out_fn=lambda sown: per_layer(sown, weight, schedule),
+        mutable=True,
+    )
+    return merge_microbatches(pipelined(layers)[0])

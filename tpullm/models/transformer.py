@@ -178,9 +178,9 @@ class Decoder(nn.Module):
 
         The weights are created by the unpipelined stack (same values for the same seed) and stored
         in the pipeline's layout; a batch that does not split into the microbatches (sampling one
-        sequence) runs that stack in layer order instead. The router rng and the sown intermediates
-        pass through the schedule: each microbatch's layers draw their own keys, and the layers'
-        sown values land in `intermediates/layers` one per layer, as the unpipelined stack sows them.
+        sequence) runs that stack in layer order instead. The schedule runs inside linen, so the
+        layers draw from the router rng and their sown values land in `intermediates/layers`, one
+        per layer, as the unpipelined stack sows them.
         """
         cfg = self.config
         stack, kwargs, length = layer_stack(cfg)
@@ -196,18 +196,5 @@ class Decoder(nn.Module):
         # Remat wraps a stage's whole group of layers (per iteration), not each layer.
         group, _, _ = layer_stack(cfg, length // (cfg.pipeline_stages * cfg.pipeline_repeats), remat=False)
         policy = pipeline.keep_all_but_views if cfg.remat_policy == "none" else REMAT_POLICIES[cfg.remat_policy]
-        router_key = self.make_rng("router") if cfg.router_jitter and self.has_rng("router") else None
-        x, sown = pipeline.run_layers(
-            group(cfg, **kwargs, parent=None),
-            nn.unbox(self.variables["params"]["layers"]),
-            x,
-            segment_ids,
-            positions,
-            cfg,
-            ACTIVATION,
-            policy,
-            router_key,
-        )
-        if sown and self.is_mutable_collection("intermediates"):
-            self.put_variable("intermediates", "layers", sown)
-        return x
+        layers = group(cfg, **kwargs, name="layers")
+        return pipeline.run_layers(layers, x, segment_ids, positions, cfg, ACTIVATION, policy)

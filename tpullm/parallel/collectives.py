@@ -5,8 +5,8 @@ or over a pipeline's iterations is one loop whose body appears once in the text)
     totals = executed(compiled.as_text())  # {'all-gather': Traffic(runs, bytes), ...}
 
 Bytes are the size of each collective's result per device (for an all-gather the gathered array,
-for a reduce-scatter its shard), summed over runs. Loops without a trip count known to XLA count
-once; branches of a conditional count as if each ran.
+for a reduce-scatter its shard, for a combined collective all of its tuple), summed over runs.
+Loops without a trip count known to XLA count once; branches of a conditional count as if each ran.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _DTYPE_BYTES = {
     "c128": 16,
 }
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
-_OP = re.compile(rf"= (.+?) ({'|'.join(KINDS)})(?:-start)?\(")
+_OP = re.compile(rf"= (.+?) ({'|'.join(KINDS)})(-start)?\(")
 _SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
 _CALLEES = re.compile(
     r"\b(?:body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
@@ -51,13 +51,15 @@ class Traffic:
     bytes: int = 0
 
 
-def _result_bytes(shape_text: str) -> int:
-    """Bytes of an instruction's result; for an async start's tuple (operands, results) the largest."""
+def _result_bytes(shape_text: str, start: bool) -> int:
+    """Bytes of an instruction's result: all of a combined collective's tuple (XLA merges the
+    gradients of many weights into one all-reduce); for an async start's tuple (operands, results)
+    the largest."""
     sizes = [
         _DTYPE_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
         for dtype, dims in _SHAPE.findall(shape_text)
     ]
-    return max(sizes, default=0)
+    return max(sizes, default=0) if start else sum(sizes)
 
 
 def _computations(text: str) -> tuple[dict, str]:
@@ -106,5 +108,5 @@ def executed(text: str) -> dict:
             if op:
                 traffic = totals[op.group(2)]
                 traffic.runs += runs[name]
-                traffic.bytes += runs[name] * _result_bytes(op.group(1))
+                traffic.bytes += runs[name] * _result_bytes(op.group(1), bool(op.group(3)))
     return totals

@@ -5,6 +5,8 @@ Microbatch i takes rows i, i+m, i+2m, ...: the batch's rows are laid out over th
 contiguous blocks, so every microbatch keeps rows on every batch shard and no rows move.
 """
 
+import jax.numpy as jnp
+
 
 def split_microbatches(x, m: int):
     """[batch, ...] -> [m, batch/m, ...]."""
@@ -14,3 +16,10 @@ def split_microbatches(x, m: int):
 def merge_microbatches(x):
     """[m, batch/m, ...] -> [batch, ...]: the inverse of `split_microbatches`."""
     return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def real_tokens(segment_ids):
+    """A microbatch's real tokens (segment id > 0), float32: the weight of its per-call means (the
+    MoE router losses, averaged over real tokens) when they are combined over microbatches, so the
+    combination is the mean over all real tokens. The pipeline and gradient accumulation both use it."""
+    return jnp.sum(segment_ids > 0).astype(jnp.float32)

@@ -60,9 +60,9 @@ def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
 
 # ---------------------------------------------------------------------------------------------
 # Mixture of experts: the router losses and loads each MoE layer sows into `intermediates`
-# (tpullm/models/moe.py) are per-call means over that layer's tokens. Weighting them by the
-# microbatch's loss-token count turns them into sums that accumulate like the cross-entropy, so
-# with gradient accumulation the step sees the token-weighted mean over microbatches.
+# (tpullm/models/moe.py) are per-call means over that layer's real tokens. Weighting them by the
+# microbatch's real tokens (tpullm/parallel/microbatches.py) turns them into sums that accumulate
+# like the cross-entropy, so with gradient accumulation the step sees the mean over real tokens.
 
 MOE_KEYS = ("aux_loss", "z_loss", "dropped", "load")
 
