@@ -32,10 +32,9 @@ def _requests():
 def _worker(out_dir):
     import jax
 
+    from tpullm.evaluation import scoring
     from tpullm.evaluation.hosts import SharedScorer
     from tpullm.parallel import distributed
-
-    from tpullm.evaluation import scoring
 
     distributed.initialize(distributed.resolve())
     scored = []  # the requests this process itself ran through the model
