@@ -15,8 +15,6 @@ from configs import demo  # noqa: E402
 from tpullm.errors import UserError  # noqa: E402
 from tpullm.training import loop  # noqa: E402
 
-ENV["HF_DATASETS_OFFLINE"] = "1"
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

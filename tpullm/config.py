@@ -451,6 +451,7 @@ RUN_BOUNDS = {
     "train.profile_steps": NON_NEGATIVE,
     "train.eval_tasks_every": AT_LEAST_ONE,
     "train.eval_tasks_limit": NON_NEGATIVE,
+    "train.eval_tasks_num_fewshot": Bound(-1),  # -1: each task's own default
     "mesh.max_replicated_share": FRACTION,
 }
 
