@@ -253,3 +253,34 @@ def test_bad_format_or_template_is_one_clear_line():
     c.data.chat_template = "vicuna"
     with pytest.raises(ConfigError, match="data.chat_template='vicuna' is not one of"):
         validate(c)
+
+
+def test_stdlib_pairs_take_the_docstring_as_prompt_and_the_rest_as_answer():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "sft", "stdlib_pairs.py")
+    spec = importlib.util.spec_from_file_location("stdlib_pairs", path)
+    stdlib_pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stdlib_pairs)
+    source = (
+        "class A:\n"
+        "    @staticmethod\n"
+        "    def double(x):\n"
+        '        """Return twice x.\n\n        Longer notes.\n        """\n'
+        "        return 2 * x\n"
+        "def only_doc():\n"
+        '    """Nothing to answer with."""\n'
+    )
+    assert list(stdlib_pairs._pairs_of_file(source)) == [
+        ("Return twice x.", "@staticmethod\ndef double(x):\n    return 2 * x")
+    ]
+
+
+def test_sft_demo_config_validates(tmp_path):
+    from configs import sft_demo
+
+    c = sft_demo.get_config()
+    assert (c.data.format, c.data.chat_template) == ("prompt_completion", "chatml")
+    c.train.init_from = str(tmp_path)
+    validate(c)
