@@ -79,7 +79,7 @@ def trained_targets(template):
 
 @pytest.mark.parametrize(
     "template, answers",
-    [("chatml", [A1 + "<|im_end|>", A2 + "<|im_end|>", "\x02"]), ("llama2", [A1 + " \x02", A2 + " \x02"])],
+    [("chatml", [A1 + "<|im_end|>\n", A2 + "<|im_end|>\n\x02"]), ("llama2", [A1 + " \x02", A2 + " \x02"])],
 )
 def test_mask_covers_exactly_the_answer_tokens(template, answers):
     example, text = trained_targets(template)
@@ -186,17 +186,17 @@ def test_sft_loss_equals_hand_computed_completion_cross_entropy(tmp_path, tiny_m
     sum_ce = float(cross_entropy_sums(tiny_model(rows), rows.targets, rows.loss_mask)[1])
 
     # By hand, one example at a time on its own: the rendered bytes, and the completion's bytes
-    # (with <|im_end|>, then eos) as the only targets, scored by a numpy log-softmax.
+    # (with <|im_end|>\n, then eos) as the only targets, scored by a numpy log-softmax.
     expected = 0.0
     for r in records:
         prompt = f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n"
-        answer = f"{r['completion']}<|im_end|>"
-        ids = np.array(list((prompt + answer + "\n").encode()) + [-1], np.int32) + 3  # eos = 2
+        answer = f"{r['completion']}<|im_end|>\n"
+        ids = np.array(list((prompt + answer).encode()) + [-1], np.int32) + 3  # eos = 2
         one = pack_examples([np.stack([ids[:-1], ids[1:], np.arange(ids.size - 1), np.ones(ids.size - 1)], 1)], ROW)
         logits = tiny_model(one)[0, : ids.size - 1]
         top = logits.max(-1, keepdims=True)
         log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-        counted = list(range(len(prompt) - 1, len(prompt) - 1 + len(answer))) + [ids.size - 2]  # eos from "\n"
+        counted = range(len(prompt) - 1, len(prompt) + len(answer))  # the answer's bytes, then eos
         expected -= sum(log_probs[j, ids[j + 1]] for j in counted)
     assert sum_ce == pytest.approx(expected, rel=1e-5)
 

@@ -7,8 +7,9 @@ Formats (`data.format`):
 
 Templates (`data.chat_template`), for messages system S, user U, assistant A:
     chatml   <|im_start|>system\\nS<|im_end|>\\n<|im_start|>user\\nU<|im_end|>\\n<|im_start|>assistant\\nA<|im_end|>\\n
-             then eos (bos first with data.add_bos). Trained: A<|im_end|> of every assistant turn, and the final
-             eos when the conversation ends with an answer (the model learns to stop).
+             then eos (bos first with data.add_bos). Trained: A<|im_end|>\n of every assistant turn, and the
+             final eos when the conversation ends with an answer: the whole turn end, so a model sampled
+             after an answer writes <|im_end|>\n and stops at eos.
     llama2   <s>[INST] <<SYS>>\\nS\\n<</SYS>>\\n\\nU [/INST] A </s><s>[INST] U2 [/INST] A2 </s>
              (<s>, </s>: the tokenizer's bos and eos ids; contents stripped, as Meta's and Hugging Face's).
              Trained: "A </s>" of every assistant turn. User and assistant turns must alternate.
@@ -80,7 +81,7 @@ def _chatml(messages: list[dict], add_bos: bool) -> list[Piece]:
     for m in messages:
         pieces.append(Piece(f"<|im_start|>{m['role']}\n", False))
         if m["role"] == "assistant":
-            pieces += [Piece(m["content"] + "<|im_end|>", True), Piece("\n", False)]
+            pieces.append(Piece(m["content"] + "<|im_end|>\n", True))
         else:
             pieces.append(Piece(m["content"] + "<|im_end|>\n", False))
     pieces.append(Piece(EOS, messages[-1]["role"] == "assistant"))
