@@ -26,6 +26,23 @@ def run_on_devices(script: str, *args, timeout: int = 900) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def run_processes(*command, log_dir, processes: int = 2, devices: int = 1, timeout: int = 300):
+    """Runs `command` (e.g. sys.executable, a script, its arguments) as `processes` jax processes of `devices`
+    CPU devices each, through launch/local.py (coordinator, gloo collectives); asserts that all exit 0."""
+    launcher = [sys.executable, "-m", "launch.local", f"--num_processes={processes}"]
+    launcher += [f"--devices_per_process={devices}", f"--log_dir={log_dir}", f"--timeout={timeout}", "--"]
+    proc = subprocess.run(
+        [*launcher, *map(str, command)],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=timeout + 100,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def results_on_devices(tmp_path_factory, script: str, *args, timeout: int = 900) -> dict:
     """Runs `script`'s `__main__` on 8 devices with a JSON path (then `args`); returns what it wrote."""
     out = tmp_path_factory.mktemp(os.path.basename(script)[:-3]) / "results.json"

@@ -2,12 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multidevice import run_processes
 
 
 def _model():
@@ -57,27 +55,7 @@ def _worker(out_dir):
 def test_two_processes_score_like_one(tmp_path):
     from tpullm.evaluation.scoring import Scorer
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.local",
-            "--num_processes=2",
-            "--devices_per_process=1",
-            f"--log_dir={tmp_path}/logs",
-            "--timeout=300",
-            "--",
-            sys.executable,
-            __file__,
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_processes(sys.executable, __file__, tmp_path, log_dir=tmp_path / "logs")
     shared = json.loads((tmp_path / "scores.json").read_text())
     requests, documents = _requests()
     alone = Scorer(*_model(), length=32, batch_rows=2)

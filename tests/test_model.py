@@ -328,8 +328,8 @@ def test_multi_query_attention():
 @jax.jit
 def rope_scores(q, k, m, n):
     """<rope(q, m), rope(k, n)> for 1-D q, k and arrays of positions m, n."""
-    rq = apply_rope(jnp.broadcast_to(q, (1, m.shape[0], 1, q.shape[0])), m[None], 10000.0)
-    rk = apply_rope(jnp.broadcast_to(k, (1, n.shape[0], 1, k.shape[0])), n[None], 10000.0)
+    rq = apply_rope(jnp.broadcast_to(q, (1, m.shape[0], 1, q.shape[0])), m[None], ModelConfig(rope_theta=10000.0))
+    rk = apply_rope(jnp.broadcast_to(k, (1, n.shape[0], 1, k.shape[0])), n[None], ModelConfig(rope_theta=10000.0))
     return jnp.sum(rq * rk, axis=-1)[0, :, 0]
 
 
@@ -354,7 +354,7 @@ def test_rope_dot_product_depends_only_on_offset():
 def test_rope_preserves_norms_and_identity_at_zero():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 3, 16)), jnp.float32)
     positions = jnp.stack([jnp.arange(11), jnp.arange(11) * 37 + 5])
-    y = apply_rope(x, positions, 10000.0)
+    y = apply_rope(x, positions, ModelConfig(rope_theta=10000.0))
     assert y.shape == x.shape and y.dtype == x.dtype
     np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), **TOL)
     np.testing.assert_allclose(y[0, 0], x[0, 0], **TOL)  # position 0 is not rotated
@@ -370,7 +370,7 @@ def test_rope_matches_hf_rotate_half_reference():
     emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
     rotate_half = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     ref = x * np.cos(emb) + rotate_half * np.sin(emb)
-    out = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), theta)
+    out = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), ModelConfig(rope_theta=theta))
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
 
 

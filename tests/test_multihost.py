@@ -11,6 +11,7 @@ import sys
 
 import jax
 import pytest
+from multidevice import run_processes
 
 from launch import local, tpu_pod
 from tpullm.config import ConfigError
@@ -100,27 +101,7 @@ def _worker(out_path, steps=4):
 
 def run_worker(tmp_path, processes, devices):
     out = tmp_path / f"{processes}x{devices}.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.local",
-            f"--num_processes={processes}",
-            f"--devices_per_process={devices}",
-            f"--log_dir={tmp_path}/logs",
-            "--timeout=300",
-            "--",
-            sys.executable,
-            __file__,
-            str(out),
-        ],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_processes(sys.executable, __file__, out, log_dir=tmp_path / "logs", processes=processes, devices=devices)
     return json.loads(out.read_text())
 
 

@@ -3,11 +3,11 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multidevice import run_processes
+
 STEPS, AGREE_EVERY, SIGTERM_AT = 400, 10, 25
 
 
@@ -41,27 +41,7 @@ def _worker(out_dir):
 
 
 def test_two_processes_agree_on_saves_and_the_preemption_step_with_few_collectives(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.local",
-            "--num_processes=2",
-            "--devices_per_process=1",
-            f"--log_dir={tmp_path}/logs",
-            "--timeout=200",
-            "--",
-            sys.executable,
-            __file__,
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_processes(sys.executable, __file__, tmp_path, log_dir=tmp_path / "logs", timeout=200)
     results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
     a, b = (r["decisions"] for r in results)
     assert a == b  # the same saves and the same stopping step on both processes

@@ -329,6 +329,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle_window_tokens = 1 << 20  # packed rows are shuffled within windows of this many tokens (0: off)
     c.data.num_workers = -1  # prefetch processes per host; -1 sizes them for the machine, 0 none
     c.data.read_threads = 2  # threads reading and tokenizing documents in each pipeline process
+    # Supervised fine-tuning (tpullm/data/chat.py): "text" (pre-training documents) | "chat" (JSONL
+    # {"messages": [{"role", "content"}]}) | "prompt_completion" (JSONL {"prompt", "completion"}); the
+    # SFT formats train only on the answers, rendered with chat_template: "chatml" | "llama2".
+    c.data.format = "text"
+    c.data.chat_template = "chatml"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-4  # peak
@@ -415,6 +420,10 @@ class Bound:
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Bound(0, low_open=True), Bound(0), Bound(1)
 FRACTION, BELOW_ONE = Bound(0, 1), Bound(0, 1, high_open=True)
 
+# data.format and data.chat_template (tpullm/data/chat.py renders them; the data layer sits above config).
+DATA_FORMATS = ("text", "chat", "prompt_completion")
+CHAT_TEMPLATES = ("chatml", "llama2")
+
 # Every number of a run config outside `model` (validate_model checks those), with its range.
 RUN_BOUNDS = {
     "data.seq_len": AT_LEAST_ONE,
@@ -492,6 +501,10 @@ def _validate_ranges(c: ml_collections.ConfigDict) -> None:
                 f"data.sources.{name}.weight={weight!r} must be {POSITIVE} and finite (its share of "
                 f"tokens; drop the source instead of weighting it 0)"
             )
+    for key, choices in (("format", DATA_FORMATS), ("chat_template", CHAT_TEMPLATES)):
+        value = c.data.get(key, choices[0])
+        if value not in choices:
+            raise ConfigError(f"data.{key}={value!r} is not one of {choices}")
     if not c.data.get("sources") and not c.data.corpus:
         raise ConfigError(
             "data.corpus is empty: give python_stdlib, a glob, a prepared folder or hf:NAME, or set data.sources"

@@ -34,7 +34,7 @@ class PackedRows:
     targets: np.ndarray  # [n_rows, seq_len] int32 next token of the same document
     segment_ids: np.ndarray  # [n_rows, seq_len] int32, 1.. per document in the row, 0 padding
     positions: np.ndarray  # [n_rows, seq_len] int32, 0-based within the segment
-    loss_mask: np.ndarray  # [n_rows, seq_len] float32, 1 where the target is real
+    loss_mask: np.ndarray  # [n_rows, seq_len] float32, 1 where the target is real and trained
 
     @property
     def n_rows(self) -> int:
@@ -57,36 +57,62 @@ class PackedRows:
         return {f: getattr(self, f)[rows] for f in FIELDS}
 
 
-def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0) -> PackedRows:
-    """Packs documents (token ids without specials) into rows of seq_len; see the module doc."""
+def document_example(ids: np.ndarray, eos_id: int, bos_id: int = 0, add_bos: bool = False) -> np.ndarray:
+    """[n, 4] int32 (input, target, offset in the document, loss mask) of a document's ids [n]
+    (without specials): inputs t_0..t_{n-1}, targets t_1..t_{n-1}, eos, every target trained;
+    with add_bos, inputs bos, t_0..t_{n-1} and targets t_0..t_{n-1}, eos."""
+    n = ids.size + add_bos
+    example = np.empty((n, 4), dtype=np.int32)
+    if add_bos:
+        example[0, 0] = bos_id
+        example[1:, 0] = ids
+        example[:-1, 1] = ids
+    else:
+        example[:, 0] = ids
+        example[:-1, 1] = ids[1:]
+    example[-1, 1] = eos_id
+    example[:, 2] = np.arange(n, dtype=np.int32)
+    example[:, 3] = 1
+    return example
+
+
+def pack_examples(examples: Sequence[np.ndarray], seq_len: int, pad_id: int = 0, split: bool = True) -> PackedRows:
+    """Packs examples ([n_i, 4] (input, target, offset, loss mask), as `document_example` makes)
+    into rows of seq_len, in order. split=True continues an example that does not fit in the rest
+    of a row in the next one (see the module doc); split=False starts it on a new row instead
+    (padding the rest), so every example keeps its whole context (examples must fit in a row)."""
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
-    docs = [np.asarray(t, dtype=np.int32).ravel() for t in token_lists]
-    docs = [d for d in docs if d.size]  # an empty document has no position to predict from
-    lengths = np.array([d.size for d in docs], dtype=np.int64)  # [n_docs]
-    total = int(lengths.sum())  # M positions in the stream
-    n_rows = math.ceil(total / seq_len)
+    examples = [e for e in examples if e.shape[0]]  # an empty document has no position to predict from
+    lengths = np.array([e.shape[0] for e in examples], dtype=np.int64)  # [n_examples]
+    if split:
+        starts = np.cumsum(lengths) - lengths  # [n_examples] stream index of each example's first token
+    else:
+        if lengths.size and lengths.max() > seq_len:
+            raise ValueError(f"an example of {lengths.max()} positions does not fit in a row of seq_len={seq_len}")
+        starts, at = np.zeros(lengths.size, np.int64), 0
+        for i, n in enumerate(lengths):
+            if at % seq_len + n > seq_len:
+                at += seq_len - at % seq_len
+            starts[i], at = at, at + n
+    end = int(starts[-1] + lengths[-1]) if lengths.size else 0
+    n_rows = math.ceil(end / seq_len)
     size = n_rows * seq_len
 
-    # The stream of all documents, [n_rows * seq_len], padded at the end.
-    tokens = np.full(size, pad_id, dtype=np.int32)
-    if docs:
-        tokens[:total] = np.concatenate(docs)
-    ends = np.cumsum(lengths) - 1  # [n_docs] stream index of each document's last token
-    starts = ends - lengths + 1  # [n_docs]
-
-    # Targets: the next stream token, except at a document's last token, where it is eos.
-    targets = np.full(size, pad_id, dtype=np.int32)
-    targets[: total - 1] = tokens[1:total]
-    targets[ends] = eos_id
-
+    # The stream of all examples, [n_rows * seq_len]: pad_id, target pad_id, loss 0 where none.
+    stream = np.zeros((size, 4), dtype=np.int32)
+    stream[:, :2] = pad_id
     valid = np.zeros(size, dtype=bool)
-    valid[:total] = True
     new_segment = np.zeros(size, dtype=bool)
-    new_segment[starts] = True
+    if examples:
+        index = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+        stream[index] = np.concatenate(examples)
+        valid[index] = True
+        new_segment[starts] = True
 
-    tokens, targets, valid, new_segment = (a.reshape(n_rows, seq_len) for a in (tokens, targets, valid, new_segment))
-    new_segment[:, 0] |= valid[:, 0]  # a document continuing from the previous row is a new segment
+    stream = stream.reshape(n_rows, seq_len, 4)
+    valid, new_segment = valid.reshape(n_rows, seq_len), new_segment.reshape(n_rows, seq_len)
+    new_segment[:, 0] |= valid[:, 0]  # an example continuing from the previous row is a new segment
 
     segment_ids = np.cumsum(new_segment, axis=1, dtype=np.int32)
     segment_ids *= valid
@@ -95,12 +121,18 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: i
     seg_start = np.maximum.accumulate(np.where(new_segment, cols, 0).astype(np.int32), axis=1)
     positions = (cols - seg_start) * valid
     return PackedRows(
-        tokens=tokens,
-        targets=targets,
+        tokens=stream[..., 0],
+        targets=stream[..., 1],
         segment_ids=segment_ids,
         positions=positions.astype(np.int32),
-        loss_mask=valid.astype(np.float32),
+        loss_mask=(valid & (stream[..., 3] > 0)).astype(np.float32),
     )
+
+
+def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0) -> PackedRows:
+    """Packs documents (token ids without specials) into rows of seq_len; see the module doc."""
+    docs = (np.asarray(t, dtype=np.int32).ravel() for t in token_lists)
+    return pack_examples([document_example(d, eos_id) for d in docs if d.size], seq_len, pad_id)
 
 
 def unigram_entropy(token_lists: Sequence[Sequence[int]], eos_id: int | None = None) -> float:
@@ -130,37 +162,36 @@ def unigram_entropy(token_lists: Sequence[Sequence[int]], eos_id: int | None = N
 # --------------------------------------------------------------------------- the grain pipeline
 # The pipeline packs with grain's ConcatThenSplitIterDataset, which cuts documents at row ends
 # like `pack_documents` (segment ids 1.. per piece, positions restarting at 0 in every piece),
-# but packs whatever features it is given. So each document enters as one [n, 3] feature
-# (input, target, offset in the document): its targets are computed before any cut, and a
+# but packs whatever features it is given. So each document enters as one [n, 4] feature
+# (input, target, offset in the document, loss mask): its targets are computed before any cut, and a
 # piece continued in the next row still predicts the right tokens. The document's key rides
-# along as a "meta" feature (never cut; one entry per segment).
+# along as a "meta" feature (never cut; one entry per segment). SFT examples (data/chat.py) are
+# packed whole instead, by grain's FirstFitPackIterDataset (`pack_examples(split=False)` here):
+# an answer continued in another row would lose its prompt.
 
-PACKED = "ids"  # the [n, 3] feature grain packs
+PACKED = "ids"  # the [n, 4] feature grain packs
 KEY = "key"  # the document key (mixture.document_key), a meta feature
 
 
 class DocumentToExample:
-    """(source, epoch, doc) -> {"ids": [n, 3] int32 (input, target, offset), "key": int64}."""
+    """(source, epoch, doc) -> {"ids": [n, 4] int32 (input, target, offset, loss mask), "key": int64}.
+
+    A source with an `example(doc)` method (SFT examples, data/chat.py) gives its masked example;
+    any other source's tokens become a document every target of which is trained."""
 
     def __init__(self, sources, tokenizer, add_bos: bool):
         self.sources, self.tokenizer, self.add_bos = sources, tokenizer, add_bos
 
     def __call__(self, item):
         source, epoch, doc = item
-        ids = self.sources[source].tokens(doc, self.tokenizer)  # [n] without specials
-        if ids.size == 0:  # sources drop empty documents when reading; this would be a bug
-            raise ValueError(f"document {doc} of source {source} has no tokens")
-        n = ids.size + self.add_bos
-        example = np.empty((n, 3), dtype=np.int32)
-        if self.add_bos:  # inputs bos, t_0..t_{n-1}; targets t_0..t_{n-1}, eos
-            example[0, 0] = self.tokenizer.bos_id
-            example[1:, 0] = ids
-            example[:-1, 1] = ids
-        else:  # inputs t_0..t_{n-1}; targets t_1..t_{n-1}, eos
-            example[:, 0] = ids
-            example[:-1, 1] = ids[1:]
-        example[-1, 1] = self.tokenizer.eos_id
-        example[:, 2] = np.arange(n, dtype=np.int32)
+        src = self.sources[source]
+        if hasattr(src, "example"):
+            example = src.example(doc)
+        else:
+            ids = src.tokens(doc, self.tokenizer)  # [n] without specials
+            if ids.size == 0:  # sources drop empty documents when reading; this would be a bug
+                raise ValueError(f"document {doc} of source {source} has no tokens")
+            example = document_example(ids, self.tokenizer.eos_id, self.tokenizer.bos_id, self.add_bos)
         # The key's epoch only feeds accounting and tests: saturate rather than stop a long run
         # that repeats a tiny source a million times.
         epoch = min(epoch, (1 << EPOCH_BITS) - 1)
@@ -178,9 +209,10 @@ class PackedToBatch:
         self.pad_id, self.num_sources, self.debug = pad_id, num_sources, debug
 
     def __call__(self, batch):
-        ids = batch[PACKED]  # [b, s, 3]
+        ids = batch[PACKED]  # [b, s, 4]
         segment_ids = batch[f"{PACKED}_segment_ids"].astype(np.int32)  # [b, s], 0 = padding
         valid = segment_ids > 0
+        trained = valid & (ids[..., 3] > 0)
         # Key of each token's document: the meta feature holds one key per segment, in order.
         keys = np.take_along_axis(batch[KEY], np.maximum(segment_ids - 1, 0), axis=1)  # [b, s]
         offsets = ids[..., 2]
@@ -189,9 +221,9 @@ class PackedToBatch:
             "targets": np.where(valid, ids[..., 1], self.pad_id).astype(np.int32),
             "segment_ids": segment_ids,
             "positions": batch[f"{PACKED}_positions"].astype(np.int32) * valid,
-            "loss_mask": valid.astype(np.float32),
+            "loss_mask": trained.astype(np.float32),
             "_documents": keys[valid & (offsets == 0)],
-            "_source_tokens": np.bincount(decode_keys(keys[valid])[0], minlength=self.num_sources).astype(np.int64),
+            "_source_tokens": np.bincount(decode_keys(keys[trained])[0], minlength=self.num_sources).astype(np.int64),
         }
         if self.debug:
             out["document_keys"] = np.where(valid, keys, -1)

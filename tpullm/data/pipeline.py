@@ -12,8 +12,8 @@ Per source (all grain MapDatasets, so any element is computed from its index alo
   [process_index::process_count] -> an endless stream of (source, epoch, document), each epoch
   a new permutation of the share (`EpochShuffle`). Sources are then mixed (`MapDataset.mix`,
   weights per document from the token weights, see mixture.py), tokenized (`DocumentToExample`),
-  packed into rows (`ConcatThenSplitIterDataset`), shuffled within windows of rows
-  (`RowShuffleIterDataset`), batched and turned into training fields (`PackedToBatch`);
+  packed into rows (`ConcatThenSplitIterDataset`; SFT examples whole, `FirstFitPackIterDataset`),
+  shuffled within windows of rows (`RowShuffleIterDataset`), batched and turned into training fields (`PackedToBatch`);
   `mp_prefetch` runs all of it in worker processes when the machine has cores to spare.
 
 Guarantees (tests/test_data_pipeline.py checks them):
@@ -33,8 +33,9 @@ import weakref
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
+from tpullm.data.chat import open_examples
 from tpullm.data.mixture import Accounting, document_weights
 from tpullm.data.packing import (
     FIELDS,
@@ -43,13 +44,17 @@ from tpullm.data.packing import (
     DocumentToExample,
     PackedRows,
     PackedToBatch,
-    pack_documents,
+    document_example,
+    pack_examples,
     unigram_entropy,
 )
 from tpullm.data.shuffle import EpochShuffle, RowShuffleIterDataset
 from tpullm.data.sources import TokenShards, open_source, specs_from_config, split_indices
 
 STATE_VERSION = 1
+# SFT examples are packed whole by first fit into this many rows at a time: more rows leave less
+# padding (each row is emitted when an example fits none of them) at a little memory.
+PACKING_BINS = 16
 
 
 def default_num_workers() -> int:
@@ -78,8 +83,13 @@ class DataSources:
         self.specs = specs_from_config(data_config)
         self.val_fraction = data_config.get("val_fraction", 0.0)
         self.add_bos = bool(data_config.get("add_bos", False))
+        self.format = data_config.get("format", "text")
+        self.chat_template = data_config.get("chat_template", "chatml") if self.format != "text" else ""
         self.tokenizer = tokenizer
-        self.sources = [open_source(spec, tokenizer) for spec in self.specs]
+        self.sources = [
+            open_source(spec, tokenizer) if self.format == "text" else open_examples(spec, data_config, tokenizer)
+            for spec in self.specs
+        ]
         self.train_ids, self.val_ids = zip(*(split_indices(s, self.val_fraction) for s in self.sources))
         for spec, ids in zip(self.specs, self.train_ids):
             if ids.size == 0:
@@ -99,9 +109,13 @@ class DataSources:
             for src, tr, va in zip(self.sources, self.train_ids, self.val_ids)
         ]
 
-    def _doc_tokens(self, k: int, i: int) -> np.ndarray:
-        ids = self.sources[k].tokens(int(i), self.tokenizer)
-        return np.concatenate([[self.tokenizer.bos_id], ids]).astype(np.int32) if self.add_bos else ids
+    def _example(self, k: int, i: int) -> np.ndarray:
+        """[n, 4] (input, target, offset, loss mask) of document i of source k, as the pipeline packs it."""
+        src = self.sources[k]
+        if hasattr(src, "example"):
+            return src.example(int(i))
+        ids = src.tokens(int(i), self.tokenizer)
+        return document_example(ids, self.tokenizer.eos_id, self.tokenizer.bos_id, self.add_bos)
 
     def mean_tokens(self, k: int, sample: int = 64) -> float:
         """Mean tokens per training document of source k (exact for prepared shards with a
@@ -111,33 +125,34 @@ class DataSources:
             return src.mean_tokens()
         ids = self.train_ids[k]
         picks = ids[np.linspace(0, ids.size - 1, min(sample, ids.size)).astype(int)]
-        return float(np.mean([self._doc_tokens(k, i).size for i in picks]))
+        return float(np.mean([self._example(k, i).shape[0] for i in picks]))
 
     def validation_rows(self, seq_len: int, max_rows: int = 0) -> PackedRows:
         """The validation documents packed into rows, the same every time: one document of each
         source in turn (so a capped set still samples every source), with max_rows > 0 stopping
-        once that many rows are filled."""
-        docs, total = [], 0
+        once that many rows are filled. SFT examples are packed whole, as in training."""
+        examples, total = [], 0
         for j in range(max(ids.size for ids in self.val_ids)):
             for k, ids in enumerate(self.val_ids):
                 if j < ids.size and not (max_rows and total >= max_rows * seq_len):
-                    docs.append(self._doc_tokens(k, ids[j]))
-                    total += docs[-1].size
-        rows = pack_documents(docs, seq_len, self.tokenizer.eos_id, self.tokenizer.pad_id)
+                    examples.append(self._example(k, ids[j]))
+                    total += examples[-1].shape[0]
+        rows = pack_examples(examples, seq_len, self.tokenizer.pad_id, split=self.format == "text")
         return PackedRows(**{f: getattr(rows, f)[: max_rows or None] for f in FIELDS})
 
     def unigram_entropy(self, max_tokens: int = 20_000_000) -> float:
-        """Entropy (nats/token) of the training tokens' frequencies, one eos per document, over
+        """Entropy (nats/token) of the trained targets' frequencies (eos ends each document), over
         the first max_tokens tokens of each source in order: the loss of a context-free model."""
-        docs = []
+        targets = []
         for k, ids in enumerate(self.train_ids):
             total = 0
             for i in ids:
                 if total >= max_tokens:
                     break
-                docs.append(self._doc_tokens(k, i))
-                total += docs[-1].size
-        return unigram_entropy(docs, eos_id=self.tokenizer.eos_id)
+                example = self._example(k, i)
+                targets.append(example[example[:, 3] > 0, 1])
+                total += example.shape[0]
+        return unigram_entropy(targets)
 
 
 def make_pipeline(
@@ -196,7 +211,13 @@ def make_pipeline(
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(data_config.get("read_threads", 2)), prefetch_buffer_size=64)
     )
-    it = ConcatThenSplitIterDataset(it, length_struct={PACKED: seq_len, KEY: seq_len}, meta_features=(KEY,))
+    lengths = {PACKED: seq_len, KEY: seq_len}
+    if sources.format == "text":
+        it = ConcatThenSplitIterDataset(it, length_struct=lengths, meta_features=(KEY,))
+    else:  # SFT examples whole, several to a row (data/chat.py drops those longer than a row)
+        it = FirstFitPackIterDataset(
+            it, length_struct=lengths, num_packing_bins=PACKING_BINS, shuffle_bins=False, meta_features=(KEY,)
+        )
     window = int(data_config.get("shuffle_window_tokens", 1 << 20)) // seq_len  # rows
     if window > 1:
         # Consecutive rows come from the same few documents when documents are long (a stdlib
@@ -223,6 +244,8 @@ def make_pipeline(
         "val_fraction": sources.val_fraction,
         "shuffle_window_rows": window,
     }
+    if sources.format != "text":  # only then, so the fingerprints of pre-training runs stay as they were
+        fingerprint |= {"format": sources.format, "chat_template": sources.chat_template}
     return Pipeline(it, Accounting(sources.names, shares, weights), fingerprint)
 
 

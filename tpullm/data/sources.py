@@ -201,7 +201,9 @@ def _text_of_record(value, field: str, counts: Counts) -> str | None:
     return value if _keep(value, counts) else None
 
 
-def _iter_jsonl(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
+def iter_jsonl_records(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, object]]:
+    """(path:line, parsed JSON value) of every line of a JSONL source; blank lines count as empty,
+    lines that do not parse as bad. The caller counts what it keeps (documents) or rejects."""
     for path in expand_glob(spec.path, "JSONL source"):
         counts.files += 1
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
@@ -219,10 +221,15 @@ def _iter_jsonl(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
                 except json.JSONDecodeError:
                     counts.bad["invalid JSON"] += 1
                     continue
-                value = record.get(spec.field) if isinstance(record, dict) else None
-                text = _text_of_record(value, spec.field, counts)
-                if text is not None:
-                    yield f"{path}:{line_no}", text
+                yield f"{path}:{line_no}", record
+
+
+def _iter_jsonl(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
+    for name, record in iter_jsonl_records(spec, counts):
+        value = record.get(spec.field) if isinstance(record, dict) else None
+        text = _text_of_record(value, spec.field, counts)
+        if text is not None:
+            yield name, text
 
 
 def _iter_parquet(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
@@ -296,7 +303,7 @@ def iter_texts(spec: SourceSpec, counts: Counts) -> Iterator[tuple[str, str]]:
 # --------------------------------------------------------------------------- random access
 
 
-def _unit_hash(name: str) -> float:
+def unit_hash(name: str) -> float:
     """A hash of `name` in [0, 1), the same in every process (Python's hash() is salted)."""
     digest = hashlib.sha256(name.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -330,7 +337,7 @@ class TextDocuments:
     def unit_hashes(self) -> np.ndarray:
         """[n] floats in [0, 1) from each document's name, for the train/val split: a document
         keeps its side when files are added or max_bytes changes."""
-        return np.array([_unit_hash(n) for n in self.names], dtype=np.float64)
+        return np.array([unit_hash(n) for n in self.names], dtype=np.float64)
 
     def describe(self) -> str:
         return self.counts.summary(self.spec.name)
