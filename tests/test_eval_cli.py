@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from test_cli import ENV, assert_one_line_error, run  # noqa: E402
+from test_cli import assert_one_line_error, run  # noqa: E402
 from test_eval_harness import write_task  # noqa: E402
 
 from configs import demo  # noqa: E402
