@@ -19,8 +19,7 @@ import numpy as np
 
 from tpullm.errors import UserError
 from tpullm.evaluation.requests import pack, rolling_windows, truncated
-from tpullm.inference.generate import decoding_config
-from tpullm.models import pipeline
+from tpullm.inference.generate import decoding_model
 from tpullm.models.transformer import Decoder
 
 
@@ -34,9 +33,7 @@ class Score:
 
 class Scorer:
     def __init__(self, model: Decoder, params, length: int, batch_rows: int = 8):
-        cfg = model.config
-        self.model = Decoder(decoding_config(cfg))
-        self.params = pipeline.to_natural_layers(params, cfg) if cfg.pipeline_microbatches else params
+        self.model, self.params = decoding_model(model, params)
         self.length, self.batch_rows = length, batch_rows
         self._run = jax.jit(self._token_scores)
 

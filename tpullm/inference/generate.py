@@ -57,6 +57,13 @@ def decoding_config(cfg):
     )
 
 
+def decoding_model(model: Decoder, params):
+    """(the Decoder on `decoding_config`, params in plain layer order): what generation and scoring run."""
+    cfg = model.config
+    natural = pipeline.to_natural_layers(params, cfg) if cfg.pipeline_microbatches else params
+    return Decoder(decoding_config(cfg)), natural
+
+
 def bucket(n: int, smallest: int = 1) -> int:
     """The smallest power of two >= max(n, smallest)."""
     return 1 << (max(n, smallest) - 1).bit_length()
@@ -74,9 +81,8 @@ class Generator:
                 f"max_length={max_length} is longer than the model's learned position table "
                 f"(model.max_length={cfg.max_length})"
             )
-        self.model = Decoder(decoding_config(cfg))
+        self.model, self.params = decoding_model(model, params)
         kv_cache.check_decodable(self.model.config)
-        self.params = pipeline.to_natural_layers(params, cfg) if cfg.pipeline_microbatches else params
         self.max_length, self.mesh = max_length, mesh
         self.batch_shards = 1
         if mesh is not None:
