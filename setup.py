@@ -23,8 +23,16 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        # Test-only: Hugging Face reference models built locally with random weights.
-        "test": ["pytest>=8,<10", "torch>=2.4,<2.15", "transformers>=4.50,<6", "ruff>=0.8,<1", "accelerate>=1.0,<2"],
+        # Test-only: Hugging Face reference models built locally with random weights (and peft, trl as references).
+        "test": [
+            "pytest>=8,<10",
+            "torch>=2.4,<2.15",
+            "transformers>=4.50,<6",
+            "ruff>=0.8,<1",
+            "accelerate>=1.0,<2",
+            "peft>=0.17,<0.22",
+            "trl>=1.0,<2",
+        ],
         # Downstream evaluation (python -m tpullm.eval, train.eval_tasks): EleutherAI's LM Evaluation Harness.
         "eval": ["lm-eval>=0.4.5,<0.5"],
         # Ahead-of-time compilation for TPU topologies on a machine without TPUs.
