@@ -98,8 +98,7 @@ def _run(config, devices, state0=None):
     import flax.linen as nn
     from test_parallel import random_batch
 
-    from tpullm.parallel.microbatches import real_tokens
-    from tpullm.training.step import _train_sums, objective
+    from tpullm.training.objective import LanguageModeling
 
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg, devices)
@@ -108,9 +107,11 @@ def _run(config, devices, state0=None):
         random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size), batch_sharding
     )
 
+    objective = LanguageModeling()
+
     def loss_fn(params, batch):  # the train step's objective
-        sums, moe = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
-        return objective(setup.model, sums, moe, sums[3], real_tokens(batch["segment_ids"]))
+        sums = objective.sums(setup.model, params, {}, batch, jax.random.key(0))
+        return objective.loss(setup.model, sums, objective.counts(setup.model, batch))
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         if state0 is None:

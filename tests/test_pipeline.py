@@ -137,8 +137,7 @@ def _moe_worker():
     """Mixtral-tiny pipelined on stage=2 x expert=2 x data=2 against the unpipelined model on one device."""
     from test_parallel import random_batch
 
-    from tpullm.parallel.microbatches import real_tokens
-    from tpullm.training.step import _train_sums, objective
+    from tpullm.training.objective import LanguageModeling
 
     ici, pipe = MOE_MESH
     config = pipe_config(ici, {**MIXTRAL_TINY, **pipe})
@@ -152,9 +151,11 @@ def _moe_worker():
     state0 = plain.init_state(jax.random.key(0))
     loss0, grads0 = jax.device_get(reference(state0.params, host_batch))
 
+    objective = LanguageModeling()
+
     def loss_fn(params, batch):  # the train step's objective
-        sums, moe = _train_sums(setup.model, params, batch, 0.0, jax.random.key(0))
-        return objective(setup.model, sums, moe, sums[3], real_tokens(batch["segment_ids"]))
+        sums = objective.sums(setup.model, params, {}, batch, jax.random.key(0))
+        return objective.loss(setup.model, sums, objective.counts(setup.model, batch))
 
     batch_sharding = rules.batch_sharding(setup.mesh)
     batch = loop.put_batch(host_batch, batch_sharding)

@@ -41,6 +41,7 @@ def main(argv):
         _WORKDIR.value,
         on_finish=lambda model, params: print_sample(config, model, params),
         init_source=init_source,
+        frozen_sources=init_from.frozen_sources(config, init_source),
     )
 
 

@@ -4,10 +4,11 @@ its validation (every bad value named with the fix)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import ml_collections
 
-from tpullm.config.bounds import POSITIVE, ConfigError, check_bound
+from tpullm.config.bounds import BELOW_ONE, POSITIVE, ConfigError, check_bound
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -17,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCH = ("dropless", "capacity")
 SEQUENCE_ATTENTION = ("all_gather", "ring")
 DTYPES = ("float32", "bfloat16", "float16")
+HEADS = ("lm", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,17 @@ class ModelConfig:
     # every schedule iteration (False): once moves less but holds a stage's weights and gradients
     # whole over fsdp for the step.
     pipeline_gather_once: bool = True
+    # Fine-tuning adapters (tpullm/models/lora.py; finetune.trainable then trains only them).
+    # LoRA (Hu et al. 2021): W x + (lora_alpha / lora_rank) B A x on every kernel whose parameter path
+    # (e.g. "layers/attention/query/kernel") matches the regex lora_targets; A is random, B starts at 0.
+    lora_rank: int = 0  # 0: no LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on the adapter's input, in training only
+    lora_targets: str = r"attention/(query|key|value|out)/kernel$"
+    # Prompt tuning (Lester et al. 2021): this many trained embeddings prepended to every example.
+    soft_prompt_length: int = 0
+    # The output: "lm" (next-token logits) | "reward" (a scalar per position: a Bradley-Terry reward model).
+    head: str = "lm"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -175,6 +188,7 @@ def validate_model(m: ModelConfig) -> None:
     _choice("sequence_attention", m.sequence_attention, SEQUENCE_ATTENTION)
     _validate_moe(m)
     _validate_pipeline(m)
+    _validate_adapters(m)
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -196,6 +210,24 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
             f"model.rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor="
             f"{m.rope_high_freq_factor} need 0 < low < high (Llama 3.1: 1 and 4)"
         )
+
+
+def _validate_adapters(m: ModelConfig) -> None:
+    _choice("head", m.head, HEADS)
+    if m.lora_rank < 0 or m.soft_prompt_length < 0:
+        raise ConfigError(
+            f"model.lora_rank={m.lora_rank} and model.soft_prompt_length={m.soft_prompt_length} must be >= 0 (0: off)"
+        )
+    if m.lora_rank:
+        check_bound("model.lora_alpha", m.lora_alpha, POSITIVE, ModelConfig.lora_alpha)
+        check_bound("model.lora_dropout", m.lora_dropout, BELOW_ONE, ModelConfig.lora_dropout)
+        try:
+            re.compile(m.lora_targets)
+        except re.error as e:
+            raise ConfigError(
+                f"model.lora_targets={m.lora_targets!r} is not a regular expression ({e}); e.g. "
+                f"{ModelConfig.lora_targets!r}"
+            ) from e
 
 
 def _validate_pipeline(m: ModelConfig) -> None:

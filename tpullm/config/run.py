@@ -103,6 +103,24 @@ def default_config() -> ml_collections.ConfigDict:
     # (the slow DCN links then carry only the once-per-step gradient all-reduce).
     # Examples: FSDP on 8 chips: ici.data=1, ici.fsdp=-1. Megatron tensor parallel inside a
     # host plus data parallel: ici.tensor=4 (heads, kv_heads and mlp must divide by 4).
+    # Fine-tuning on the same loop (tpullm/training/objective.py and the objectives beside it).
+    c.finetune = ml_collections.ConfigDict()
+    # lm (next-token cross-entropy: pre-training, SFT) | dpo (data.format=preference) | reward
+    # (Bradley-Terry on preference pairs; model.head=reward) | distill (a teacher's logits)
+    c.finetune.objective = "lm"
+    # The regex of the parameter paths that train (tpullm/training/trainable.py); "": the adapters
+    # (model.lora_rank, model.soft_prompt_length) when the model has any, else everything.
+    c.finetune.trainable = ""
+    # dpo: the frozen reference model, "" for the run's starting weights (train.init_from, without adapters).
+    c.finetune.reference = ""
+    c.finetune.dpo_beta = 0.1
+    c.finetune.dpo_label_smoothing = 0.0  # cDPO: the assumed share of flipped preference labels
+    # distill: the teacher ("hf:/path" or a tpullm workdir or export, same vocabulary), the softmax
+    # temperature, and the weight of the KL term: loss = w T^2 KL(teacher_T || student_T) + (1 - w) CE.
+    c.finetune.teacher = ""
+    c.finetune.temperature = 2.0
+    c.finetune.kl_weight = 0.5
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.ici = ml_collections.ConfigDict({a: (-1 if a == "data" else 1) for a in MESH_AXES})
     c.mesh.dcn = ml_collections.ConfigDict({a: (-1 if a == "data" else 1) for a in MESH_AXES})
@@ -154,6 +172,10 @@ RUN_BOUNDS = {
     "train.eval_tasks_limit": NON_NEGATIVE,
     "train.eval_tasks_num_fewshot": Bound(-1),  # -1: each task's own default
     "mesh.max_replicated_share": FRACTION,
+    "finetune.dpo_beta": POSITIVE,
+    "finetune.dpo_label_smoothing": Bound(0, 0.5, high_open=True),
+    "finetune.temperature": POSITIVE,
+    "finetune.kl_weight": FRACTION,
 }
 
 

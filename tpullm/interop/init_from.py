@@ -19,12 +19,15 @@ from tpullm.interop.hf_dir import HFDirectory
 from tpullm.interop.hf_export import TOKENIZER_MODEL
 from tpullm.interop.vocab import pad_vocab, unpad_vocab
 from tpullm.models import pipeline
-from tpullm.training.init_from import HF_PREFIX, InitSource
+from tpullm.training.init_from import HF_PREFIX, InitSource, common
 
 
 def _to_run_layout(params, run: ModelConfig, shardings):
-    """Params in layer order -> the run's param dtype and (pipelined) layout, on its shardings."""
+    """Params in layer order -> the run's param dtype and (pipelined) layout, on its shardings. Only
+    the params both hold: the run's adapters stay to be initialized, a head the run lacks is dropped."""
     dtype = run.param_dtype
+    params = common(params, shardings)
+    shardings = common(shardings, params)
 
     def convert(p):
         return jax.tree.map(lambda x: x.astype(dtype), pipeline.from_natural_layers(p, run))
@@ -74,3 +77,21 @@ def resolve(init_from: str) -> InitSource:
     if init_from.startswith(HF_PREFIX):
         return _hf_source(init_from[len(HF_PREFIX) :])
     return _tpullm_source(init_from)
+
+
+def frozen_sources(config, init_source: InitSource | None) -> dict:
+    """{name: InitSource} of the frozen models `finetune.objective` needs: DPO's "reference"
+    (`finetune.reference`, by default the run's starting weights) and distillation's "teacher"."""
+    f = config.finetune
+    if f.objective == "dpo":
+        if not (f.reference or init_source):
+            raise ConfigError(
+                "finetune.objective='dpo' needs a reference model: set train.init_from (the reference is the "
+                "starting weights) or finetune.reference=hf:/path | /path/to/workdir"
+            )
+        return {"reference": resolve(f.reference) if f.reference else init_source}
+    if f.objective == "distill":
+        if not f.teacher:
+            raise ConfigError("finetune.objective='distill' needs finetune.teacher=hf:/path | /path/to/workdir")
+        return {"teacher": resolve(f.teacher)}
+    return {}

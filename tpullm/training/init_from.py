@@ -101,3 +101,21 @@ def check_source_given(config, source: InitSource | None) -> None:
             f"init_source=tpullm.interop.init_from.resolve(config.train.init_from) to train(), as "
             f"`python -m tpullm.train` does"
         )
+
+
+def common(tree: dict, like: dict) -> dict:
+    """The part of the nested dict `tree` whose keys `like` also has: the run's shardings cut to the
+    params a source holds (no adapters), or a source's params cut to those the run has (not its
+    language-model head when the run has a reward head)."""
+    return {
+        k: common(v, like[k]) if isinstance(v, dict) and isinstance(like[k], dict) else v
+        for k, v in tree.items()
+        if k in like
+    }
+
+
+def overlay(fresh: dict, loaded: dict) -> dict:
+    """`fresh` with every leaf `loaded` has replaced by the loaded one."""
+    return {
+        k: (overlay(v, loaded[k]) if isinstance(v, dict) else loaded[k]) if k in loaded else v for k, v in fresh.items()
+    }

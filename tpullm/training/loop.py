@@ -38,8 +38,10 @@ from tpullm.evaluation import run as eval_run
 from tpullm.models import Decoder
 from tpullm.parallel import distributed, guard, rules
 from tpullm.parallel import mesh as mesh_lib
-from tpullm.training import flops, init_from, validation
+from tpullm.training import finetune, flops, init_from, validation
 from tpullm.training import metrics as metrics_lib
+from tpullm.training import trainable as trainable_lib
+from tpullm.training.objective import LanguageModeling, Objective
 from tpullm.training.optimizer import learning_rate_schedule, make_optimizer
 from tpullm.training.state import TrainState
 from tpullm.training.step import make_eval_step, make_train_step
@@ -69,28 +71,40 @@ class Setup:
     optimizer: object
     schedule: object
     layout: guard.Report  # bytes per device of every parameter, from the rules
+    objective: Objective
+    trainable: str | None  # the regex of the parameters that train (None: all; training/trainable.py)
+    frozen_shardings: dict  # {name: params' NamedShardings} of the objective's frozen models
 
 
-def build(config, model_cfg, devices=None) -> Setup:
+def build(config, model_cfg, devices=None, objective: Objective | None = None) -> Setup:
     """Model, optimizer and the train state's layout on the mesh, from the rules table.
 
     `devices`: all devices of all processes by default; AOT compilation passes a TPU topology's.
+    `objective`: what the run minimises (training/finetune.py), next-token cross-entropy by default.
     Fails (ConfigError) when the rules leave too many parameter bytes replicated (parallel/guard.py).
     """
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     model = Decoder(model_cfg)
+    objective = objective or LanguageModeling(config.optimizer.z_loss)
     optimizer = make_optimizer(config.optimizer, config.train.steps)
     schedule = learning_rate_schedule(config.optimizer, config.train.steps)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    key = jax.random.key(0)  # made outside the mesh: an AOT mesh has compile-only devices
+    trains = trainable_lib.pattern(config.finetune.trainable, jax.eval_shape(model.init, key, tokens)["params"])
 
     def boxed_state(rng):
-        # Optax maps over the logical-axis boxes, so the moments inherit the params' names.
+        # Optax maps over the logical-axis boxes, so the moments inherit the params' names; it holds
+        # state for the trainable params only.
         params = model.init(rng, tokens)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+        opt_state = optimizer.init(trainable_lib.split(params, trains)[0])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
-    key = jax.random.key(0)  # made outside the mesh: an AOT mesh has compile-only devices
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         abstract_boxed = jax.eval_shape(boxed_state, key)
+        frozen_shardings = {
+            name: rules.state_shardings(jax.eval_shape(m.init, key, tokens)["params"], mesh)
+            for name, m in objective.frozen_models.items()
+        }
         rules.check_batch(config.train.batch_size, mesh.shape)
         rules.check_pipeline(model_cfg, config.train.batch_size, config.train.grad_accum_steps, mesh.shape)
         layout = guard.check(abstract_boxed.params, mesh.shape, config.mesh.max_replicated_share)
@@ -99,24 +113,48 @@ def build(config, model_cfg, devices=None) -> Setup:
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract_boxed), state_shardings
     )
-    return Setup(model, mesh, state_shardings, abstract_state, init_state, optimizer, schedule, layout)
+    return Setup(
+        model,
+        mesh,
+        state_shardings,
+        abstract_state,
+        init_state,
+        optimizer,
+        schedule,
+        layout,
+        objective,
+        trains,
+        frozen_shardings,
+    )
 
 
 def jit_train_step(setup: Setup, config):
     """The train step as the loop runs it: jitted with the state's and the batch's shardings and
-    the state donated. Trace it (call, or `.lower`) under `jax.set_mesh(setup.mesh)` and the rules."""
+    the state donated; called as (state, batch), plus the frozen models' {name: params} when the
+    objective has any. Trace it (call, or `.lower`) under `jax.set_mesh(setup.mesh)` and the rules."""
+    frozen = (setup.frozen_shardings,) if setup.frozen_shardings else ()
     return jax.jit(
         make_train_step(
             setup.model,
             setup.optimizer,
             setup.schedule,
-            config.optimizer.z_loss,
+            setup.objective,
             config.train.grad_accum_steps,
             config.train.seed,
+            setup.trainable,
         ),
-        in_shardings=(setup.state_shardings, rules.batch_sharding(setup.mesh)),
+        in_shardings=(setup.state_shardings, rules.batch_sharding(setup.mesh), *frozen),
         out_shardings=(setup.state_shardings, None),
         donate_argnums=0,
+    )
+
+
+def jit_eval_step(setup: Setup):
+    """The objective's validation sums of one batch, (params, batch[, frozen]) -> sums."""
+    frozen = (setup.frozen_shardings,) if setup.frozen_shardings else ()
+    return jax.jit(
+        make_eval_step(setup.model, setup.objective),
+        in_shardings=(setup.state_shardings.params, rules.batch_sharding(setup.mesh), *frozen),
     )
 
 
@@ -174,13 +212,21 @@ def _resume_data(manager, step: int, batches, changes: dict, config) -> None:
     batches.skip(skip)
 
 
-def train(config, workdir: str, on_finish=None, init_source: init_from.InitSource | None = None) -> dict:
+def train(
+    config,
+    workdir: str,
+    on_finish=None,
+    init_source: init_from.InitSource | None = None,
+    frozen_sources: dict | None = None,
+) -> dict:
     """Trains `config` in `workdir`; returns the final metrics (including val_loss).
 
     `on_finish(model, params)`, if given, runs at the end of a run that was not preempted, on the
     mesh (the train command prints a sample with it). `init_source` holds the weights a fresh run
     starts from when `train.init_from` is set (tpullm.interop.init_from.resolve makes it); the run
-    then uses its tokenizer (`config.data.tokenizer` is set in place)."""
+    then uses its tokenizer (`config.data.tokenizer` is set in place). `frozen_sources`: {name:
+    InitSource} of the objective's frozen models (DPO's "reference", distillation's "teacher"), loaded
+    onto the mesh at every start, fresh or resumed."""
     model_cfg = config_lib.validate(config)
     init_from.check_source_given(config, init_source)
     if init_source is not None:
@@ -191,10 +237,10 @@ def train(config, workdir: str, on_finish=None, init_source: init_from.InitSourc
     with ckpt_lock.hold(workdir, warn):
         manager = ckpt.make_manager(workdir, t.keep_checkpoints, t.keep_period)
         changes = ckpt_config.check_resume(workdir, config, max(manager.all_steps(), default=None), log)
-        return _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
+        return _train(config, model_cfg, workdir, manager, changes, on_finish, init_source, frozen_sources or {})
 
 
-def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source) -> dict:
+def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source, frozen_sources) -> dict:
     t = config.train
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -215,7 +261,8 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
     )
 
     evaluate_tasks = eval_run.during_training(t, tokenizer, config.data.seq_len)
-    setup = build(config, model_cfg)
+    objective = finetune.make_objective(config, model_cfg, frozen_sources)
+    setup = build(config, model_cfg, objective=objective)
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
     log(
@@ -247,13 +294,21 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
     if start is None:
         state = setup.init_state(jax.random.key(t.seed))
         if init_source is not None:  # its params, a fresh optimizer state
+            # Params the source lacks (adapters, a new head) keep their fresh initialization.
             params = init_source.load(model_cfg, setup.mesh, setup.state_shardings.params)
-            state = state.replace(params=params)
+            state = state.replace(params=init_from.overlay(state.params, params))
             log(f"initialized the params from {init_source.description}")
         start = 0
     else:
         _resume_data(manager, start, batches, changes, config)
         log(f"resuming from step {start} in {workdir}")
+    frozen = {
+        name: frozen_sources[name].load(m.config, setup.mesh, setup.frozen_shardings[name])
+        for name, m in setup.objective.frozen_models.items()
+    }
+    for name in frozen:
+        log(f"{name} model (frozen): {frozen_sources[name].description}")
+    frozen_args = (frozen,) if frozen else ()
     writer = metrics_lib.MetricWriter(workdir)
     device = jax.devices()[0]
     peak = flops.peak_flops_per_device(device)
@@ -265,12 +320,13 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
     newest_saved = start or None
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES), save_policy.catch_sigterm():
         train_step = jit_train_step(setup, config)
-        eval_step = jax.jit(make_eval_step(setup.model), in_shardings=(setup.state_shardings.params, batch_sharding))
+        eval_step = jit_eval_step(setup)
         compile_start = time.perf_counter()
         last, previous, tracing = {}, None, False
         try:
             for step in range(start, t.steps):
-                state, step_metrics = train_step(state, put_batch(next(batches), batch_sharding, t.batch_size))
+                batch = put_batch(next(batches), batch_sharding, t.batch_size)
+                state, step_metrics = train_step(state, batch, *frozen_args)
                 done = step + 1
                 # The previous step's loss is checked once this one is queued, so the host never
                 # waits for the device just to check.
@@ -300,7 +356,12 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
                     if done % t.eval_every == 0 or done == t.steps:
                         last.update(
                             validation.evaluate(
-                                eval_step, state.params, val_rows, t.batch_size, lambda b: put_batch(b, batch_sharding)
+                                lambda p, b: eval_step(p, b, *frozen_args),
+                                state.params,
+                                val_rows,
+                                t.batch_size,
+                                lambda b: put_batch(b, batch_sharding),
+                                setup.objective.validation_metrics,
                             )
                         )
                     if evaluate_tasks and (done % t.eval_tasks_every == 0 or done == t.steps):
@@ -324,7 +385,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source)
         log(f"data: {batches.accounting.summary()}")
         if on_finish is not None and not preempted:
             on_finish(setup.model, state.params)
-    if "val_loss" in last:
+    if "val_loss" in last and config.finetune.objective == "lm":
         log(
             f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
             f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)"

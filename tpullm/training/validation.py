@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from tpullm.config import ConfigError
+from tpullm.training.objective import LanguageModeling
 
 
 def padded_batches(rows: dict, batch_size: int):
@@ -37,11 +38,13 @@ def check_rows(n_rows: int, batch_size: int, val_fraction: float, warn) -> None:
         )
 
 
-def evaluate(eval_step, params, rows: dict, batch_size: int, put) -> dict:
-    """Mean loss and accuracy over the tokens of all `rows`. `put(batch)` places a host batch on
-    the mesh; `eval_step(params, batch)` returns the five token sums (training/loss.py)."""
-    totals = np.zeros(5)
+def evaluate(eval_step, params, rows: dict, batch_size: int, put, metrics=None) -> dict:
+    """The validation metrics over all `rows`. `put(batch)` places a host batch on the mesh;
+    `eval_step(params, batch)` returns sums (by default the five token sums of training/loss.py),
+    added up over the batches and turned into metrics by `metrics(totals)` (by default the mean
+    loss and accuracy over the tokens: `Objective.validation_metrics`)."""
+    totals = None
     for batch in padded_batches(rows, batch_size):
-        totals += np.asarray(jax.device_get(eval_step(params, put(batch))))
-    _, ce, _, n_tokens, n_correct = totals
-    return {"val_loss": ce / n_tokens, "val_accuracy": n_correct / n_tokens}
+        sums = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(eval_step(params, put(batch))))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    return (metrics or LanguageModeling().validation_metrics)(totals)

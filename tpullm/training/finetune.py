@@ -1,0 +1,52 @@
+"""The objective a run minimises, chosen by `finetune.objective`, with its frozen models.
+
+The loop builds every run's objective here; objectives that need a frozen second model (DPO's
+reference, distillation's teacher) get its `Decoder` here, and the loop loads its params from an
+`InitSource` (tpullm/training/init_from.py) onto the run's mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tpullm.config import ConfigError, ModelConfig
+from tpullm.models import Decoder
+from tpullm.training.objective import LanguageModeling, Objective
+
+OBJECTIVES = ("lm",)
+
+
+def frozen_config(source: ModelConfig, run: ModelConfig) -> ModelConfig:
+    """A frozen model's config: the source's weights (no adapters, the language-model head) computed
+    the way the run computes (dtypes, remat, sequence attention) and unpipelined (it only runs forward)."""
+    return dataclasses.replace(
+        source,
+        lora_rank=0,
+        soft_prompt_length=0,
+        head="lm",
+        compute_dtype=run.compute_dtype,
+        param_dtype=run.param_dtype,
+        remat_policy=run.remat_policy,
+        sequence_attention=run.sequence_attention,
+        sequence_load_balance=run.sequence_load_balance,
+        pipeline_stages=1,
+        pipeline_microbatches=0,
+        pipeline_repeats=1,
+    )
+
+
+def frozen_models(names: tuple[str, ...], model_cfg: ModelConfig, sources: dict) -> dict:
+    """{name: Decoder} of each frozen model, from its source's config (`sources`: {name: InitSource})."""
+    missing = [n for n in names if n not in sources]
+    if missing:
+        raise ConfigError(f"the objective needs the frozen model(s) {missing}; none was given to the loop")
+    return {n: Decoder(frozen_config(sources[n].model, model_cfg)) for n in names}
+
+
+def make_objective(config, model_cfg: ModelConfig, sources: dict | None = None) -> Objective:
+    """The objective of `finetune.objective`, its `frozen_models` built from `sources`
+    ({name: InitSource}, e.g. "reference", "teacher"; the train CLI resolves them from the config)."""
+    f = config.finetune
+    if f.objective == "lm":
+        return LanguageModeling(config.optimizer.z_loss)
+    raise ConfigError(f"finetune.objective={f.objective!r} is not one of {OBJECTIVES}")
