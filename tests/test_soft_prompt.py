@@ -15,8 +15,10 @@ from configs import demo
 from tpullm import config as config_lib
 from tpullm import models
 from tpullm.config import ConfigError, ModelConfig
+from tpullm.errors import UserError
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams
+from tpullm.inference.speculative import SpeculativeGenerator
 from tpullm.models import soft_prompt
 from tpullm.training import trainable
 from tpullm.training.init_from import overlay
@@ -110,6 +112,7 @@ def step_config(ici=None, model=None):
     c.data.seq_len = 32
     c.train.batch_size = 8
     c.finetune.trainable = ""  # the adapters: the soft prompt only
+    c.optimizer.update(learning_rate=1e-2, warmup_steps=1)  # the prompt moves visibly in two steps
     c.mesh.ici.update({"data": -1, **(ici or {})})
     c.model.update({"soft_prompt_length": P, **(model or {})})
     return c
@@ -168,6 +171,12 @@ def test_generation_equals_greedy_full_forward_passes(family):
         assert completion.tokens == seq[len(prompt) :], (prompt, completion.tokens, seq)
 
 
+def test_speculative_decoding_refuses_a_soft_prompt():
+    model, params = build(P)
+    with pytest.raises(UserError, match="speculative decoding does not run models with a soft prompt"):
+        SpeculativeGenerator(model, params, model, params, max_length=32)
+
+
 # ---------------------------------------------------------------- 8 devices, in a child process
 
 STRATEGIES = {
@@ -200,7 +209,7 @@ def test_prompt_tuning_under_a_mesh_equals_one_device(strategies, name):
     """Two train steps of the prompt on 8 devices: the step's loss, gradient norm and every param agree
     with one device's to f32 round-off, and the prompt did move."""
     r = strategies[name]
-    assert r["moved"] > 1e-4, r
+    assert r["moved"] > 1e-3, r
     assert r["step_loss_rel"] < 2e-5 and r["grad_norm_rel"] < 2e-5 and r["params_rel"] < 2e-5, r
 
 

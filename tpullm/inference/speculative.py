@@ -101,11 +101,16 @@ class SpeculativeGenerator:
             raise UserError(f"the draft's vocab_size={draft_model.config.vocab_size} is not the target's {vocab}")
         for model in (target_model, draft_model):
             cfg = model.config
-            # Drafts past the last kept token still get positions: up to k more than max_length - 1.
-            if cfg.positions == "learned" and max_length + k + cfg.soft_prompt_length > cfg.max_length:
+            if cfg.soft_prompt_length:  # both caches are rewound to one index, which a prompt would shift
                 raise UserError(
-                    f"max_length={max_length} + k={k} + model.soft_prompt_length={cfg.soft_prompt_length} is "
-                    f"longer than a model's learned position table (model.max_length={cfg.max_length})"
+                    "speculative decoding does not run models with a soft prompt (model.soft_prompt_length > 0); "
+                    "use Generator"
+                )
+            # Drafts past the last kept token still get positions: up to k more than max_length - 1.
+            if cfg.positions == "learned" and max_length + k > cfg.max_length:
+                raise UserError(
+                    f"max_length={max_length} + k={k} is longer than a model's learned position table "
+                    f"(model.max_length={cfg.max_length})"
                 )
         # A Generator holds each model in its decoding config with the params of the plain layer stack.
         self.target = Generator(target_model, target_params, max_length, mesh=mesh)

@@ -60,10 +60,12 @@ def after_left_padding(p: int, x, segment_ids, positions):
 
 
 def init_from_table(params, cfg: ModelConfig):
-    """`params` (a model's plain param dict) with the prompt re-initialized from its own token table:
-    for a run whose table was loaded (train.init_from) after the fresh init drew the prompt."""
-    if not cfg.soft_prompt_length or "soft_prompt" not in params:
+    """`params` (a model's plain param dict) with the initial prompt drawn from its own token table: for a
+    run whose table was loaded (train.init_from) after the fresh init drew the prompt, or a base model's
+    params that have no prompt yet. Keeps the old prompt's dtype and sharding if there is one."""
+    if not cfg.soft_prompt_length:
         return params
-    prompt = from_table(params["token_embed"]["embedding"], cfg).astype(params["soft_prompt"].dtype)
-    sharding = getattr(params["soft_prompt"], "sharding", None)
+    table, old = params["token_embed"]["embedding"], params.get("soft_prompt")
+    prompt = from_table(table, cfg).astype(getattr(old, "dtype", table.dtype))  # [P, embed]
+    sharding = getattr(old, "sharding", None)
     return {**params, "soft_prompt": jax.device_put(prompt, sharding) if sharding is not None else prompt}
