@@ -1,7 +1,8 @@
 """The validation loss of a workdir's (or an export's) params on a config's held-out rows, the
 rows `python -m tpullm.train` evaluates (data.val_fraction, at most train.eval_batches batches):
 for an SFT config, the mean cross-entropy of the answer tokens only. Measures a base model
-before fine-tuning, and its fine-tuned workdir after.
+before fine-tuning, and its fine-tuned workdir after. A base model measured with a soft-prompt config
+gets the prompt that run starts from (vocabulary rows of its token table).
 
     python experiments/sft/val_loss.py --config=configs/sft_demo.py --params=/tmp/tpullm_demo
 """
@@ -18,6 +19,7 @@ from tpullm import models
 from tpullm.checkpoint import load as ckpt_load
 from tpullm.config import ModelConfig
 from tpullm.data import DataSources, load_tokenizer
+from tpullm.models import soft_prompt
 from tpullm.training.loss import cross_entropy_sums
 from tpullm.training.validation import padded_batches
 
@@ -39,8 +41,11 @@ def main():
     t, d = config.train, config.data
     tokenizer = load_tokenizer(d.tokenizer)
     rows = DataSources(d, tokenizer).validation_rows(d.seq_len, max_rows=t.eval_batches * t.batch_size)
-    model = models.build(ModelConfig.from_any(config.model).resolve())
+    model_cfg = ModelConfig.from_any(config.model).resolve()
+    model = models.build(model_cfg)
     params = ckpt_load.load_params(args.params)
+    if model_cfg.soft_prompt_length and "soft_prompt" not in params:  # a base model: the run's initial prompt
+        params = soft_prompt.init_from_table(params, model_cfg)
 
     @jax.jit
     def sums(params, batch):

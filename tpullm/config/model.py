@@ -218,6 +218,8 @@ def _validate_adapters(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.lora_rank={m.lora_rank} and model.soft_prompt_length={m.soft_prompt_length} must be >= 0 (0: off)"
         )
+    if m.soft_prompt_length:
+        _validate_soft_prompt(m)
     if m.lora_rank:
         check_bound("model.lora_alpha", m.lora_alpha, POSITIVE, ModelConfig.lora_alpha)
         check_bound("model.lora_dropout", m.lora_dropout, BELOW_ONE, ModelConfig.lora_dropout)
@@ -228,6 +230,20 @@ def _validate_adapters(m: ModelConfig) -> None:
                 f"model.lora_targets={m.lora_targets!r} is not a regular expression ({e}); e.g. "
                 f"{ModelConfig.lora_targets!r}"
             ) from e
+
+
+def _validate_soft_prompt(m: ModelConfig) -> None:
+    """What a soft prompt (tpullm/models/soft_prompt.py) does not run with."""
+    p = f"model.soft_prompt_length={m.soft_prompt_length}"
+    if m.sliding_window:
+        raise ConfigError(
+            f"{p} with model.sliding_window={m.sliding_window}: a window counts token indices in the row, so "
+            f"documents packed later in a row would not see the prompt; use sliding_window=0"
+        )
+    if m.sequence_attention == "ring":
+        raise ConfigError(f"{p} needs model.sequence_attention='all_gather' (the ring is not supported)")
+    if m.pipeline_microbatches:
+        raise ConfigError(f"{p} needs model.pipeline_microbatches=0 (the pipeline is not supported)")
 
 
 def _validate_pipeline(m: ModelConfig) -> None:

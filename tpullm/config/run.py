@@ -290,10 +290,11 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
             f"batch_size a multiple of grad_accum_steps x pipeline_microbatches = "
             f"{t.grad_accum_steps * model.pipeline_microbatches}"
         )
-    if model.positions == "learned" and d.seq_len > model.max_length:
+    if model.positions == "learned" and d.seq_len + model.soft_prompt_length > model.max_length:
         raise ConfigError(
-            f"data.seq_len={d.seq_len} exceeds model.max_length={model.max_length}, the size of the learned "
-            f"position table; raise model.max_length or shorten data.seq_len"
+            f"data.seq_len={d.seq_len} + model.soft_prompt_length={model.soft_prompt_length} exceeds "
+            f"model.max_length={model.max_length}, the size of the learned position table; raise "
+            f"model.max_length or shorten data.seq_len"
         )
     _validate_init_from(t.init_from)
     if o.warmup_steps >= t.steps:

@@ -76,10 +76,10 @@ class Generator:
 
     def __init__(self, model: Decoder, params, max_length: int, mesh: jax.sharding.Mesh | None = None):
         cfg = model.config
-        if cfg.positions == "learned" and max_length > cfg.max_length:
+        if cfg.positions == "learned" and max_length + cfg.soft_prompt_length > cfg.max_length:
             raise UserError(
-                f"max_length={max_length} is longer than the model's learned position table "
-                f"(model.max_length={cfg.max_length})"
+                f"max_length={max_length} + model.soft_prompt_length={cfg.soft_prompt_length} is longer than the "
+                f"model's learned position table (model.max_length={cfg.max_length})"
             )
         self.model, self.params = decoding_model(model, params)
         kv_cache.check_decodable(self.model.config)

@@ -101,6 +101,11 @@ class SpeculativeGenerator:
             raise UserError(f"the draft's vocab_size={draft_model.config.vocab_size} is not the target's {vocab}")
         for model in (target_model, draft_model):
             cfg = model.config
+            if cfg.soft_prompt_length:  # both caches are rewound to one index, which a prompt would shift
+                raise UserError(
+                    "speculative decoding does not run models with a soft prompt (model.soft_prompt_length > 0); "
+                    "use Generator"
+                )
             # Drafts past the last kept token still get positions: up to k more than max_length - 1.
             if cfg.positions == "learned" and max_length + k > cfg.max_length:
                 raise UserError(

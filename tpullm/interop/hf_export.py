@@ -86,6 +86,11 @@ def save_pretrained(
     "eos", "pad"} -> id) go into config.json and generation_config.json."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.soft_prompt_length:  # HF configs have no place for it: the export would silently drop it
+        raise ValueError(
+            f"model.soft_prompt_length={cfg.soft_prompt_length}: a Hugging Face model has no soft prompt, so the "
+            f"export would lose it; export the base model (the prompt is the params' `soft_prompt` [P, embed])"
+        )
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; exports never overwrite: choose a new --out or remove it yourself")

@@ -3,11 +3,14 @@
 Which key a query may see is decided from token indices (causal order in the row) and
 segment ids (packed documents never see each other), never from `positions`, which restart
 at every document and only feed RoPE. Token indices are passed in, so a reordered row (ring
-attention's zigzag) keeps the same masks.
+attention's zigzag) keeps the same masks. A soft prompt's virtual tokens (segment id PROMPT,
+tpullm/models/soft_prompt.py) are seen by every real token of the row.
 """
 
 import jax
 import jax.numpy as jnp
+
+from tpullm.models.soft_prompt import PROMPT
 
 # Finite, so a row with nothing visible (padding) gives a uniform softmax instead of NaN.
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -17,7 +20,8 @@ def attention_mask(q_index, k_index, q_segment, k_segment, window: int = 0):
     """Which keys each query may attend to.
 
     q_index: [q_len], k_index: [k_len] token indices in the row; q_segment: [batch, q_len],
-    k_segment: [batch, k_len] document ids. window > 0 keeps the last `window` keys up to and
+    k_segment: [batch, k_len] document ids (0: padding, PROMPT: a soft prompt's virtual tokens, which
+    every real query sees and which see only each other). window > 0 keeps the last `window` keys up to and
     including the query itself (Mistral's sliding window). Returns bool [batch, q_len, k_len].
     """
     delta = q_index[:, None] - k_index[None, :]  # [q, k]
@@ -25,7 +29,8 @@ def attention_mask(q_index, k_index, q_segment, k_segment, window: int = 0):
     if window:
         visible &= delta < window
     same_doc = q_segment[:, :, None] == k_segment[:, None, :]  # [b, q, k]
-    return visible[None] & same_doc
+    prompt = (q_segment[:, :, None] > 0) & (k_segment[:, None, :] == PROMPT)  # [b, q, k]
+    return visible[None] & (same_doc | prompt)
 
 
 def group_heads(x, kv_heads: int):

@@ -28,7 +28,9 @@ PHASES = ("", "prefill", "decode")  # "": no cache (training, scoring)
 
 
 def slots(cfg: ModelConfig, max_length: int) -> int:
-    """Slots per layer for sequences of at most max_length tokens (prompt and generated)."""
+    """Slots per layer for sequences of at most max_length tokens (prompt and generated), plus a soft
+    prompt's virtual tokens, which the cache holds before each row's tokens."""
+    max_length += cfg.soft_prompt_length
     return min(cfg.sliding_window, max_length) if cfg.sliding_window else max_length
 
 

@@ -164,7 +164,7 @@ class MoeMlp(nn.Module):
             name="router",
         )(router_in)  # [b, l, E]
         probs, gates, experts = route(logits.reshape(b * l, num_experts), k)  # [b*l, E], [b*l, k], [b*l, k]
-        weight = (segment_ids > 0).reshape(b * l).astype(jnp.float32)
+        weight = (segment_ids != 0).reshape(b * l).astype(jnp.float32)  # a soft prompt's tokens are real
         aux, z, load = router_losses(logits.reshape(b * l, num_experts), probs, experts, weight)
         w = self._expert_weights()
         gates = gates.astype(x.dtype)

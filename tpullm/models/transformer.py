@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import kv_cache, pipeline, ring_attention
+from tpullm.models import kv_cache, pipeline, ring_attention, soft_prompt
 from tpullm.models.attention import Attention
 from tpullm.models.mlp import Mlp
 from tpullm.models.moe import MoeMlp
@@ -115,6 +115,8 @@ class Decoder(nn.Module):
         (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
 
         segment_ids default to one document per row; positions default to 0..length-1.
+        With model.soft_prompt_length = P the P trained virtual tokens run before every row (every document
+        sees them; tpullm/models/soft_prompt.py) and the logits are still the caller's tokens' [b, length].
         cache: "prefill" runs whole prompts (right-aligned) and writes a KV cache of `cache_slots` slots,
         returning the last position's logits [batch, 1, padded vocab]; "decode" runs one token per row
         against the cache (apply with mutable=["cache"]; tpullm/models/kv_cache.py).
@@ -139,6 +141,8 @@ class Decoder(nn.Module):
         # gather then runs on the sharded table instead of forcing an all-gathered copy first.
         table = nn.with_logical_constraint(token_embed.embedding, ("vocab", "activation_embed"))
         x = jnp.take(table, tokens, axis=0).astype(dtype)  # [b, l, embed]
+        if cfg.soft_prompt_length:
+            x, segment_ids, positions = self.with_prompt(token_embed, x, segment_ids, positions, cache)
         if cfg.positions == "learned":
             x = x + embed_table(cfg.max_length, "pos_embed", (None, "embed"))(positions)
         x = nn.with_logical_constraint(x, ACTIVATION)
@@ -156,6 +160,8 @@ class Decoder(nn.Module):
         x = ring_attention.unzigzag(x, cfg)
         if cache == "prefill":  # only the next token's logits: [vocab] per row, not per prompt token
             x = x[:, -1:]
+        elif cache != "decode":  # the caller's tokens only, without the soft prompt's
+            x = x[:, x.shape[1] - tokens.shape[1] :]
         x = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)
@@ -172,6 +178,25 @@ class Decoder(nn.Module):
             real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size  # [padded vocab]
             logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
         return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def with_prompt(self, token_embed, x, segment_ids, positions, cache: str):
+        """x [b, l, embed] with the soft prompt (tpullm/models/soft_prompt.py) before every row: x, segment_ids,
+        positions [b, P + l]. Decode steps only shift positions by P: the prompt is in the cache already."""
+        cfg = self.config
+        if cache == "decode":
+            return x, segment_ids, positions + cfg.soft_prompt_length
+
+        # Initialized from vocabulary rows of the token table (train.init_from redraws them from the
+        # loaded table: soft_prompt.init_from_table).
+        def init(key, shape, dtype):
+            return soft_prompt.from_table(token_embed.embedding, cfg).astype(dtype)  # [P, embed]
+
+        init = nn.with_logical_partitioning(init, (None, "embed"))
+        prompt = self.param("soft_prompt", init, (cfg.soft_prompt_length, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
+        x, segment_ids, positions = soft_prompt.prepend(prompt, x, segment_ids, positions)
+        if cache == "prefill":
+            return soft_prompt.after_left_padding(cfg.soft_prompt_length, x, segment_ids, positions)
+        return x, segment_ids, positions
 
     def pipelined_layers(self, x, segment_ids, positions):
         """The layer stack over the mesh's stage axis (tpullm/models/pipeline.py).

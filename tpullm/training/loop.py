@@ -35,7 +35,7 @@ from tpullm.checkpoint import (
 )
 from tpullm.errors import UserError
 from tpullm.evaluation import run as eval_run
-from tpullm.models import Decoder
+from tpullm.models import Decoder, soft_prompt
 from tpullm.parallel import distributed, guard, rules
 from tpullm.parallel import mesh as mesh_lib
 from tpullm.training import finetune, flops, init_from, validation
@@ -296,7 +296,11 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
         if init_source is not None:  # its params, a fresh optimizer state
             # Params the source lacks (adapters, a new head) keep their fresh initialization.
             params = init_source.load(model_cfg, setup.mesh, setup.state_shardings.params)
-            state = state.replace(params=init_from.overlay(state.params, params))
+            fresh_prompt = "soft_prompt" not in params  # then drawn from the loaded token table, not the fresh one
+            params = init_from.overlay(state.params, params)
+            if fresh_prompt:
+                params = soft_prompt.init_from_table(params, model_cfg)
+            state = state.replace(params=params)
             log(f"initialized the params from {init_source.description}")
         start = 0
     else:
