@@ -242,6 +242,7 @@ def train(
 
 def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source, frozen_sources) -> dict:
     t = config.train
+    objective = finetune.make_objective(config, model_cfg, frozen_sources)  # checks its frozen models first
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise config_lib.ConfigError(
@@ -261,7 +262,6 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
     )
 
     evaluate_tasks = eval_run.during_training(t, tokenizer, config.data.seq_len)
-    objective = finetune.make_objective(config, model_cfg, frozen_sources)
     setup = build(config, model_cfg, objective=objective)
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
