@@ -170,7 +170,7 @@ def teacher_dir(tmp_path_factory):
     return workdir
 
 
-def test_distillation_run_lowers_the_loss_and_leaves_the_teacher(teacher_dir, tmp_path):
+def test_distillation_run_lowers_the_loss_and_leaves_the_teacher(teacher_dir, tmp_path, capsys):
     before = tree_digest(teacher_dir)
     c = student_config(teacher_dir)
     final = loop.train(c, str(tmp_path), frozen_sources=init_from.frozen_sources(c, None))
@@ -181,6 +181,9 @@ def test_distillation_run_lowers_the_loss_and_leaves_the_teacher(teacher_dir, tm
     assert {"kl", "ce", "val_loss", "val_kl", "val_accuracy"} <= set(final)
     assert np.isfinite(final["val_kl"]) and final["val_loss"] < np.log(c.model.vocab_size)
     assert tree_digest(teacher_dir) == before
+    out = capsys.readouterr().out
+    assert f"teacher model (frozen): {teacher_dir}" in out
+    assert "| kl " in out and "| val_kl " in out and "against the corpus' unigram entropy" in out
 
 
 def test_train_step_leaves_the_teacher_params_unchanged(teacher_dir):
@@ -220,3 +223,58 @@ def test_a_missing_teacher_is_refused_in_one_line(tmp_path):
     c.finetune.teacher = ""
     with pytest.raises(ConfigError, match="needs finetune.teacher"):
         init_from.frozen_sources(c, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# A data x fsdp mesh of 8 devices gives the single device's step (child process: tests/multidevice.py).
+
+
+def _mesh_step(devices, ici, state0=None, teacher0=None):
+    """(metrics, params after one accumulated step, validation sums, state0, teacher0) on `devices`."""
+    c = student_config("", steps=12)
+    c.model.vocab_pad_multiple = 16  # 264 ids padded to 272: padding ids in the KL, split over fsdp
+    c.train.grad_accum_steps = 2
+    c.mesh.ici.update({"data": -1, **ici})
+    teacher_c = smoke_config(12)
+    teacher_c.model.vocab_pad_multiple = 16
+    model_cfg, teacher_cfg = config_lib.validate(c), config_lib.validate(teacher_c)
+    objective = Distillation(Decoder(finetune.frozen_config(teacher_cfg, model_cfg)), 2.0, 0.5, 1e-4)
+    setup = loop.build(c, model_cfg, devices, objective)
+    teacher = objective.frozen_models["teacher"]
+    batch = loop.put_batch(batch_of(model_cfg, 8, c.data.seq_len), rules.batch_sharding(setup.mesh))
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
+        if state0 is None:
+            state0 = jax.device_get(setup.init_state(jax.random.key(0)))
+            teacher0 = jax.device_get(nn.unbox(teacher.init(jax.random.key(1), batch["tokens"][:1])["params"]))
+        frozen = {"teacher": jax.device_put(teacher0, setup.frozen_shardings["teacher"])}
+        state = jax.device_put(state0, setup.state_shardings)
+        val = jax.device_get(loop.jit_eval_step(setup)(state.params, batch, frozen))
+        state, metrics = loop.jit_train_step(setup, c)(state, batch, frozen)
+        return jax.device_get(metrics), jax.device_get(state.params), val, state0, teacher0
+
+
+def _worker(out_path):
+    from multidevice import rel, step_agreement
+
+    assert jax.device_count() == 8, jax.devices()
+    metrics0, params0, val0, state0, teacher0 = _mesh_step(jax.devices()[:1], {"data": 1})
+    metrics, params, val, _, _ = _mesh_step(None, {"data": 2, "fsdp": 4}, state0, teacher0)
+    results = step_agreement(metrics, metrics0, params, params0)
+    results["kl_rel"] = rel(metrics["kl"], metrics0["kl"])
+    results["val_rel"] = rel(jax.tree.leaves(val), jax.tree.leaves(val0))
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+@pytest.mark.slow
+def test_distillation_on_a_data_fsdp_mesh_equals_one_device(tmp_path_factory):
+    from multidevice import results_on_devices
+
+    r = results_on_devices(tmp_path_factory, __file__)
+    assert all(v < 2e-5 for v in r.values()), r
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(sys.argv[1])

@@ -385,7 +385,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
         log(f"data: {batches.accounting.summary()}")
         if on_finish is not None and not preempted:
             on_finish(setup.model, state.params)
-    if "val_loss" in last and config.finetune.objective == "lm":
+    if "val_loss" in last and config.finetune.objective in ("lm", "distill"):  # val_loss: the cross-entropy
         log(
             f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
             f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)"
@@ -405,7 +405,11 @@ def format_step(step: int, total: int, m: dict) -> str:
         parts.append(f"MFU {m['mfu']:.1%}")
     if "moe_aux_loss" in m:  # mixture of experts: load balance (1.0 = balanced) and dropped assignments
         parts.append(f"moe_aux {m['moe_aux_loss']:.3f} dropped {m['moe_dropped']:.1%}")
+    if "kl" in m:  # distillation: KL to the teacher at finetune.temperature
+        parts.append(f"kl {m['kl']:.4f}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "val_kl" in m:
+        parts.append(f"val_kl {m['val_kl']:.4f}")
     parts.append(f"ETA {metrics_lib.format_eta(m['eta_sec'])}")
     return " | ".join(parts)
