@@ -93,5 +93,10 @@ def frozen_sources(config, init_source: InitSource | None) -> dict:
     if f.objective == "distill":
         if not f.teacher:
             raise ConfigError("finetune.objective='distill' needs finetune.teacher=hf:/path | /path/to/workdir")
+        if not (f.teacher.startswith(HF_PREFIX) or os.path.exists(f.teacher)):
+            raise ConfigError(
+                f"finetune.teacher={f.teacher} does not exist: give the teacher's workdir or export "
+                f"(train it first) or hf:/path"
+            )
         return {"teacher": resolve(f.teacher)}
     return {}

@@ -11,14 +11,16 @@ import dataclasses
 
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.models import Decoder
+from tpullm.training.distill import Distillation
 from tpullm.training.objective import LanguageModeling, Objective
 
-OBJECTIVES = ("lm",)
+OBJECTIVES = ("lm", "distill")
 
 
 def frozen_config(source: ModelConfig, run: ModelConfig) -> ModelConfig:
     """A frozen model's config: the source's weights (no adapters, the language-model head) computed
-    the way the run computes (dtypes, remat, sequence attention) and unpipelined (it only runs forward)."""
+    the way the run computes (dtypes, remat, sequence attention, vocab padding: its logits line up
+    with the run's) and unpipelined (it only runs forward)."""
     return dataclasses.replace(
         source,
         lora_rank=0,
@@ -29,6 +31,7 @@ def frozen_config(source: ModelConfig, run: ModelConfig) -> ModelConfig:
         remat_policy=run.remat_policy,
         sequence_attention=run.sequence_attention,
         sequence_load_balance=run.sequence_load_balance,
+        vocab_pad_multiple=run.vocab_pad_multiple,
         pipeline_stages=1,
         pipeline_microbatches=0,
         pipeline_repeats=1,
@@ -43,10 +46,24 @@ def frozen_models(names: tuple[str, ...], model_cfg: ModelConfig, sources: dict)
     return {n: Decoder(frozen_config(sources[n].model, model_cfg)) for n in names}
 
 
+def check_vocabulary(teacher: str, source: ModelConfig, run: ModelConfig) -> None:
+    """Distillation compares logits id by id: the teacher must have the student's vocabulary."""
+    if source.vocab_size != run.vocab_size:
+        raise ConfigError(
+            f"finetune.teacher={teacher} has vocab_size {source.vocab_size} but the student's model.vocab_size is "
+            f"{run.vocab_size}; distillation needs the same vocabulary (use a teacher trained with the student's "
+            f"tokenizer and vocab_size)"
+        )
+
+
 def make_objective(config, model_cfg: ModelConfig, sources: dict | None = None) -> Objective:
     """The objective of `finetune.objective`, its `frozen_models` built from `sources`
     ({name: InitSource}, e.g. "reference", "teacher"; the train CLI resolves them from the config)."""
     f = config.finetune
     if f.objective == "lm":
         return LanguageModeling(config.optimizer.z_loss)
+    if f.objective == "distill":
+        [teacher] = frozen_models(("teacher",), model_cfg, sources or {}).values()
+        check_vocabulary(f.teacher, teacher.config, model_cfg)
+        return Distillation(teacher, f.temperature, f.kl_weight, config.optimizer.z_loss)
     raise ConfigError(f"finetune.objective={f.objective!r} is not one of {OBJECTIVES}")

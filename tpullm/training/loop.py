@@ -242,6 +242,7 @@ def train(
 
 def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source, frozen_sources) -> dict:
     t = config.train
+    objective = finetune.make_objective(config, model_cfg, frozen_sources)  # checks its frozen models first
     tokenizer = data.load_tokenizer(config.data.tokenizer)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise config_lib.ConfigError(
@@ -261,7 +262,6 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
     )
 
     evaluate_tasks = eval_run.during_training(t, tokenizer, config.data.seq_len)
-    objective = finetune.make_objective(config, model_cfg, frozen_sources)
     setup = build(config, model_cfg, objective=objective)
     counts = flops.param_counts(model_cfg)
     fpt = flops.flops_per_token(model_cfg, config.data.seq_len)
@@ -389,7 +389,7 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
         log(f"data: {batches.accounting.summary()}")
         if on_finish is not None and not preempted:
             on_finish(setup.model, state.params)
-    if "val_loss" in last and config.finetune.objective == "lm":
+    if "val_loss" in last and config.finetune.objective in ("lm", "distill"):  # val_loss: the cross-entropy
         log(
             f"validation loss {last['val_loss']:.3f} nats/token against the corpus' unigram entropy "
             f"{unigram:.3f} nats/token ({last['val_loss'] / unigram:.0%} of it)"
@@ -409,7 +409,11 @@ def format_step(step: int, total: int, m: dict) -> str:
         parts.append(f"MFU {m['mfu']:.1%}")
     if "moe_aux_loss" in m:  # mixture of experts: load balance (1.0 = balanced) and dropped assignments
         parts.append(f"moe_aux {m['moe_aux_loss']:.3f} dropped {m['moe_dropped']:.1%}")
+    if "kl" in m:  # distillation: KL to the teacher at finetune.temperature
+        parts.append(f"kl {m['kl']:.4f}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "val_kl" in m:
+        parts.append(f"val_kl {m['val_kl']:.4f}")
     parts.append(f"ETA {metrics_lib.format_eta(m['eta_sec'])}")
     return " | ".join(parts)

@@ -94,7 +94,11 @@ class LanguageModeling(Objective):
 
     def sums(self, model, params, frozen, batch, rng):
         """(the 5 cross-entropy sums, the MoE sums or ())."""
-        logits, state = apply(model, params, batch, rng)  # [b, l, vocab]
+        return self.output_sums(model, *apply(model, params, batch, rng), batch)
+
+    def output_sums(self, model, logits, state, batch):
+        """`sums` of the model's output (logits [b, l, vocab], sown state): for objectives that also
+        need the logits (distillation)."""
         sums = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], self.z_loss)
         if not num_experts(model):
             return sums, ()
