@@ -131,6 +131,16 @@ def test_configs_it_cannot_run_are_refused():
         config_lib.validate(c)
 
 
+def test_prompt_tuning_demo_config_validates_and_trains_only_the_prompt(tmp_path):
+    from configs import prompt_tuning_demo
+
+    c = prompt_tuning_demo.get_config()
+    c.train.init_from = str(tmp_path)
+    assert config_lib.validate(c).soft_prompt_length == 16
+    model, params = build(16)
+    assert trainable.names(params, trainable.pattern(c.finetune.trainable, params)) == ["soft_prompt"]
+
+
 def step_config(ici=None, model=None):
     c = demo.get_config()
     c.data.seq_len = 32
