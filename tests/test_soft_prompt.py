@@ -16,6 +16,7 @@ from tpullm import config as config_lib
 from tpullm import models
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.errors import UserError
+from tpullm.inference.beam import beam_search
 from tpullm.inference.generate import Generator
 from tpullm.inference.sampling import SamplingParams
 from tpullm.inference.speculative import SpeculativeGenerator
@@ -131,6 +132,16 @@ def test_configs_it_cannot_run_are_refused():
         config_lib.validate(c)
 
 
+def test_prompt_tuning_demo_config_validates_and_trains_only_the_prompt(tmp_path):
+    from configs import prompt_tuning_demo
+
+    c = prompt_tuning_demo.get_config()
+    c.train.init_from = str(tmp_path)
+    assert config_lib.validate(c).soft_prompt_length == 16
+    model, params = build(16)
+    assert trainable.names(params, trainable.pattern(c.finetune.trainable, params)) == ["soft_prompt"]
+
+
 def step_config(ici=None, model=None):
     c = demo.get_config()
     c.data.seq_len = 32
@@ -182,7 +193,8 @@ GREEDY = SamplingParams(temperature=0.0)
 @pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_generation_equals_greedy_full_forward_passes(family):
     """Left-padded prompts of different lengths through the KV cache with the soft prompt in it: the same
-    tokens as argmax of full forward passes (which prepend the prompt themselves), step by step."""
+    tokens as argmax of full forward passes (which prepend the prompt themselves), step by step; and beam
+    search with one beam gives them too."""
     model, params = build(P, **FAMILIES[family], max_length=64)
     prompts = [[5, 9, 2, 7, 1], [3], [11, 4, 8, 6, 2, 9, 9, 1, 3, 12]]
     generator = Generator(model, params, max_length=32)
@@ -193,6 +205,9 @@ def test_generation_equals_greedy_full_forward_passes(family):
         for _ in range(8):
             seq.append(int(np.argmax(logits(params, *padded(np.array(seq), 24))[0, len(seq) - 1, :VOCAB])))
         assert completion.tokens == seq[len(prompt) :], (prompt, completion.tokens, seq)
+    # Beam search runs the same prefill and decode steps: one beam is greedy.
+    for [best], completion in zip(beam_search(generator, prompts, 8, 1), completions):
+        assert best.tokens == completion.tokens
 
 
 def test_speculative_decoding_refuses_a_soft_prompt():
