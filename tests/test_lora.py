@@ -226,7 +226,7 @@ def _step(config, devices, state0):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
         if state0 is None:
             state = jax.device_get(setup.init_state(jax.random.key(0)))
-            state0 = state.replace(params=with_random_adapters(state.params, scale=0.05))
+            state0 = jax.device_get(state.replace(params=with_random_adapters(state.params, scale=0.05)))
         step = loop.jit_train_step(setup, config)
         state, _ = step(jax.device_put(state0, setup.state_shardings), batch)
         new_state, metrics = step(state, batch)  # the first step's learning rate is 0 (warmup)
