@@ -205,6 +205,53 @@ def test_forward_and_peft_export_equal_peft(tmp_path):
     np.testing.assert_allclose(hf_logits(merged, tokens), hf_logits(peft_model.merge_and_unload(), tokens), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_cli_trains_only_the_adapters_from_a_workdir_and_exports_them(tmp_path):
+    """python -m tpullm.train from a base workdir (init_from), then --format=peft and --format=hf exports:
+    the base weights are the source's, and peft on the base's HF export equals the merged HF export."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import subprocess
+
+    from test_hf_parity import hf_logits
+
+    from tpullm.checkpoint import load_params
+
+    def run(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    smoke = ["--config=configs/demo.py:smoke", "--config.train.steps=4", "--config.train.checkpoint_every=4"]
+    smoke += ["--config.optimizer.warmup_steps=1"]
+    base, tuned = tmp_path / "base", tmp_path / "lora"
+    run("tpullm.train", *smoke, f"--workdir={base}")
+    log = run(
+        "tpullm.train", *smoke, f"--workdir={tuned}", f"--config.train.init_from={base}", "--config.model.lora_rank=8"
+    )
+    # r x (in + out) per projection: 2 layers x (q 8 x (64 + 64) + k, v 8 x (64 + 32) + out 8 x (64 + 64))
+    assert "trainable: 7,168 of " in log
+    source, params = load_params(str(base)), load_params(str(tuned))
+    flat = {trainable.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    for p, x in jax.tree_util.tree_leaves_with_path(source):
+        np.testing.assert_array_equal(flat[trainable.path_name(p)], x)
+    assert np.abs(flat["layers/attention/query/lora_b"]).max() > 0
+    for workdir, fmt in ((base, "hf"), (tuned, "hf"), (tuned, "peft")):
+        run("tpullm.export", f"--workdir={workdir}", f"--format={fmt}", f"--out={tmp_path / (workdir.name + fmt)}")
+    tokens = np.random.default_rng(0).integers(1, 256, (2, 32))
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "basehf").eval()
+    adapted = peft.PeftModel.from_pretrained(base_hf, tmp_path / "lorapeft").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lorahf").eval()
+    np.testing.assert_allclose(hf_logits(adapted, tokens), hf_logits(merged, tokens), atol=1e-4)
+
+
 # ------------------------------------------------------------------------- 8 devices against one
 
 # name -> (ici degrees, model overrides)

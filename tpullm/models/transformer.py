@@ -99,7 +99,7 @@ def decoding_stack(cfg: ModelConfig):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         variable_carry="cache",
-        split_rngs={"params": True, "router": True, "dropout": True},
+        split_rngs={"params": True, "router": True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
