@@ -7,8 +7,8 @@ writes config.json, generation_config.json, `model.safetensors` (or `model-0000i
 and `model.safetensors.index.json`), and with a sentencepiece model its `tokenizer.model` and
 `tokenizer_config.json`. The HF family is the one whose architecture computes what `cfg` does
 (hf_config.model_type_of); the tensors come from the same table the import reads (hf_tensors).
-Pipelined params are put back in layer order and the vocab padding is cut off first. A tied head is
-left out, as transformers saves it.
+Pipelined params are put back in layer order and the vocab padding is cut off first; LoRA adapters are
+merged into their kernels (the fine-tuned model). A tied head is left out, as transformers saves it.
 """
 
 from __future__ import annotations
@@ -26,24 +26,25 @@ import numpy as np
 from tpullm.config import ModelConfig
 from tpullm.interop import hf_config, hf_dir, hf_tensors
 from tpullm.interop.vocab import unpad_vocab
-from tpullm.models import pipeline
+from tpullm.models import lora, pipeline
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 TOKENIZER_MODEL = "tokenizer.model"
 
 
-def _flat(params: dict) -> dict:
+def flat_params(params: dict) -> dict:
+    """{"layers/attention/query/kernel": leaf}."""
     return {
         jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in jax.tree_util.tree_leaves_with_path(params)
     }
 
 
-def hf_state(cfg: ModelConfig, params: dict, hf: dict):
-    """(name, numpy array) of every HF tensor, in the table's order, from params in layer order with
-    cfg.vocab_size rows; a fused HF tensor is assembled from its parts."""
-    flat = _flat(params)
+def hf_state(cfg: ModelConfig, params: dict, table: list[hf_tensors.Tensor]):
+    """(name, numpy array) of every HF tensor of the rows `table`, in its order, from params in layer
+    order with cfg.vocab_size rows; a fused HF tensor is assembled from its parts."""
+    flat = flat_params(params)
     groups: dict[str, list[hf_tensors.Tensor]] = {}
-    for row in hf_tensors.rows(cfg, hf):
+    for row in table:
         groups.setdefault(row.hf, []).append(row)
     for rows in groups.values():
         rows.sort(key=lambda r: r.part[1] if r.part else 0)
@@ -59,6 +60,14 @@ def hf_state(cfg: ModelConfig, params: dict, hf: dict):
                 continue
             parts = [r.to_hf(cfg, leaf[lead]) for r, leaf in zip(rows, leaves)]
             yield name, np.concatenate(parts, axis=first.part[0]) if first.part else parts[0]
+
+
+def natural_layers(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """(numpy params in layer order, cfg without a pipeline): what an export reads."""
+    if cfg.pipeline_microbatches:
+        params = pipeline.to_natural_layers(params, cfg)
+    cfg = dataclasses.replace(cfg, pipeline_stages=1, pipeline_microbatches=0, pipeline_repeats=1)
+    return jax.tree.map(np.asarray, params), cfg
 
 
 def _llama_bias_flags(cfg: ModelConfig, params: dict) -> dict:
@@ -94,15 +103,15 @@ def save_pretrained(
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} exists; exports never overwrite: choose a new --out or remove it yourself")
-    if cfg.pipeline_microbatches:
-        params = pipeline.to_natural_layers(params, cfg)
-    cfg = dataclasses.replace(cfg, pipeline_stages=1, pipeline_microbatches=0, pipeline_repeats=1)
-    params = unpad_vocab(cfg, jax.tree.map(np.asarray, params))
+    if cfg.lora_rank:  # the fine-tuned model: adapters folded into their kernels
+        params, cfg = lora.merge(params, cfg), lora.merged_config(cfg)
+    params, cfg = natural_layers(params, cfg)
+    params = unpad_vocab(cfg, params)
     flags = _llama_bias_flags(cfg, params) if hf_config.model_type_of(cfg) == "llama" else None
     hf = hf_config.to_hf_config(cfg, flags)
     ids = {f"{k}_token_id": v for k, v in (special_ids or {}).items()}
     config = {**hf, **ids, "dtype": dtype}
-    tensors = ((name, array.astype(DTYPES[dtype])) for name, array in hf_state(cfg, params, hf))
+    tensors = ((name, array.astype(DTYPES[dtype])) for name, array in hf_state(cfg, params, hf_tensors.rows(cfg, hf)))
     tmp = out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_dir.write(tmp, config, tensors, max_shard_size)

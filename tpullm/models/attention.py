@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
-from tpullm.models import kv_cache, pipeline, ring_attention
+from tpullm.models import kv_cache, lora, pipeline, ring_attention
 from tpullm.models.dot_product import attention_mask, dot_product_attention
 from tpullm.models.mlp import residual_std
 from tpullm.models.rope import apply_rope
@@ -20,9 +20,10 @@ class Attention(nn.Module):
 
     def projection(self, shape, axes, equation: str, name: str, std: float, bias: bool, bias_axes=None):
         """A learned einsum whose kernel [shape] carries the logical axis names `axes`; its bias
-        spans the output dimensions (by default all kernel axes but the first)."""
+        spans the output dimensions (by default all kernel axes but the first). With a LoRA adapter
+        when model.lora_targets matches its kernel (tpullm/models/lora.py)."""
         cfg = self.config
-        return nn.Einsum(
+        return lora.Einsum(
             shape,
             equation,
             use_bias=bias,
@@ -30,6 +31,8 @@ class Attention(nn.Module):
             param_dtype=jnp.dtype(cfg.param_dtype),
             kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes or axes[1:]),
+            config=cfg,
+            axes=axes,
             name=name,
         )
 

@@ -4,17 +4,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tpullm.config import ModelConfig
+from tpullm.models import lora
 
 
 def dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, std: float, bias: bool):
-    """A Dense layer whose kernel carries logical axis names (`axes` = (in, out))."""
-    return nn.Dense(
+    """A Dense layer whose kernel carries logical axis names (`axes` = (in, out)), with a LoRA adapter
+    when model.lora_targets matches its kernel (tpullm/models/lora.py)."""
+    return lora.Dense(
         features,
         use_bias=bias,
         dtype=jnp.dtype(cfg.compute_dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+        config=cfg,
+        axes=axes,
         name=name,
     )
 

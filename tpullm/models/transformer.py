@@ -76,11 +76,12 @@ def layer_stack(cfg: ModelConfig, length: int | None = None, remat: bool = True)
     block, kwargs, full = scan_body(cfg)
     if remat and cfg.remat_policy != "none":
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    # "router": the router-jitter rng, present only when the caller passes one (training).
+    # "router" (router jitter) and "dropout" (LoRA dropout): rngs present only when the caller passes them
+    # (training); each layer draws its own.
     stack = nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0, "cache": 0},
-        split_rngs={"params": True, "router": True},
+        split_rngs={"params": True, "router": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length or full,
         metadata_params={nn.PARTITION_NAME: "layers"},

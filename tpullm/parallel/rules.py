@@ -60,6 +60,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("norm", None),  # norm scales are tiny: replicated
+    ("lora_rank", None),  # a LoRA adapter's rank (tpullm/models/lora.py): small, whole on every device
 )
 
 BATCH_LOGICAL_AXES = ("activation_batch", "activation_length")

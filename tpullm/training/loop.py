@@ -35,7 +35,7 @@ from tpullm.checkpoint import (
 )
 from tpullm.errors import UserError
 from tpullm.evaluation import run as eval_run
-from tpullm.models import Decoder, soft_prompt
+from tpullm.models import Decoder, lora, soft_prompt
 from tpullm.parallel import distributed, guard, rules
 from tpullm.parallel import mesh as mesh_lib
 from tpullm.training import finetune, flops, init_from, validation
@@ -90,7 +90,9 @@ def build(config, model_cfg, devices=None, objective: Objective | None = None) -
     schedule = learning_rate_schedule(config.optimizer, config.train.steps)
     tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
     key = jax.random.key(0)  # made outside the mesh: an AOT mesh has compile-only devices
-    trains = trainable_lib.pattern(config.finetune.trainable, jax.eval_shape(model.init, key, tokens)["params"])
+    abstract_params = jax.eval_shape(model.init, key, tokens)["params"]
+    lora.check_targets(model_cfg, abstract_params)
+    trains = trainable_lib.pattern(config.finetune.trainable, abstract_params)
 
     def boxed_state(rng):
         # Optax maps over the logical-axis boxes, so the moments inherit the params' names; it holds
@@ -269,6 +271,9 @@ def _train(config, model_cfg, workdir, manager, changes, on_finish, init_source,
         f"model: {counts['total']:,} params ({counts['non_embedding']:,} without embeddings); "
         f"{fpt['total'] / 1e6:.1f} MFLOPs/token (6 x matmul params + attention, as PaLM's MFU counts)"
     )
+    n_trained, n_params = trainable_lib.count(setup.abstract_state.params, setup.trainable)
+    which = "all" if setup.trainable is None else f"the params matching {setup.trainable!r}"
+    log(f"trainable: {n_trained:,} of {n_params:,} params ({n_trained / n_params:.2%}): {which}")
     log(f"mesh: {mesh_lib.describe(setup.mesh)} in {jax.process_count()} process(es)")
     log(setup.layout.text(config.mesh.max_replicated_share))
 
