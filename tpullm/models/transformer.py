@@ -112,7 +112,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, cache: str = "", cache_slots: int = 0):
         """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, padded vocab]
-        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
+        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value), or with
+        model.head="reward" a reward per position [batch, length].
 
         segment_ids default to one document per row; positions default to 0..length-1.
         cache: "prefill" runs whole prompts (right-aligned) and writes a KV cache of `cache_slots` slots,
@@ -157,6 +158,16 @@ class Decoder(nn.Module):
         if cache == "prefill":  # only the next token's logits: [vocab] per row, not per prompt token
             x = x[:, -1:]
         x = make_norm(cfg, "final_norm")(x)
+        if cfg.head == "reward":  # a reward model (training/reward.py): one scalar per position
+            reward = nn.Dense(
+                1,
+                use_bias=False,  # a constant added to every reward cancels in the Bradley-Terry loss
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", None)),
+                name="reward_head",
+            )(x)  # [b, l, 1]
+            return nn.with_logical_constraint(reward[..., 0], ("activation_batch", "activation_length"))
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)
         else:

@@ -405,7 +405,11 @@ def format_step(step: int, total: int, m: dict) -> str:
         parts.append(f"MFU {m['mfu']:.1%}")
     if "moe_aux_loss" in m:  # mixture of experts: load balance (1.0 = balanced) and dropped assignments
         parts.append(f"moe_aux {m['moe_aux_loss']:.3f} dropped {m['moe_dropped']:.1%}")
+    if "rewards/accuracies" in m:  # preference pairs (dpo, reward): the share ranked right
+        parts.append(f"pair_acc {m['rewards/accuracies']:.1%}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "val_pair_accuracy" in m:
+        parts.append(f"val_pair_acc {m['val_pair_accuracy']:.1%}")
     parts.append(f"ETA {metrics_lib.format_eta(m['eta_sec'])}")
     return " | ".join(parts)
