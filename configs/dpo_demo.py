@@ -35,7 +35,7 @@ def preference_run(c, init_from: str):
     c.train.update(
         steps=100, batch_size=8, log_every=10, eval_every=50, eval_batches=8, checkpoint_every=100, sample_tokens=0
     )
-    c.optimizer.update(learning_rate=1e-4, warmup_steps=10)
+    c.optimizer.update(learning_rate=2e-4, warmup_steps=10)
     return c
 
 

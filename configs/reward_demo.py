@@ -26,5 +26,5 @@ def get_config(arg=None):
     c = dpo_demo.preference_run(demo.get_config(arg), "/tmp/tpullm_smoke" if arg else "/tmp/tpullm_demo")
     c.model.head = "reward"
     c.finetune.objective = "reward"
-    c.optimizer.learning_rate = 3e-4
+    c.optimizer.learning_rate = 1e-3  # the fresh head starts at rewards near 0, with small gradients
     return c

@@ -348,13 +348,13 @@ def test_a_few_steps_raise_the_held_out_pair_accuracy(tmp_path):
 
     model = models.build(REWARD_MODEL)
     params = models.init_params(model, jax.random.key(0))
-    train, held_out = reward_batch(tmp_path, smiles(24, 2)), reward_batch(tmp_path, smiles(16, 3))
-    optimizer = optax.adam(3e-3)
+    train, held_out = reward_batch(tmp_path, smiles(12, 2)), reward_batch(tmp_path, smiles(8, 3))
+    optimizer = optax.adam(1e-2)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    step = jax.jit(make_train_step(model, optimizer, lambda s: 3e-3, Reward()))
+    step = jax.jit(make_train_step(model, optimizer, lambda s: 1e-2, Reward()))
     sums = jax.jit(lambda p: Reward().validation_sums(model, p, {}, held_out))
     before = Reward().validation_metrics(sums(state.params))["val_pair_accuracy"]
-    for _ in range(30):
+    for _ in range(25):
         state, _ = step(state, train)
     after = Reward().validation_metrics(sums(state.params))["val_pair_accuracy"]
     assert before <= 0.75 and after >= 0.9, (before, after)
@@ -369,3 +369,29 @@ def test_demo_configs_validate(name, variant, tmp_path):
     assert c.data.format == "preference" and c.finetune.objective == name.split("_")[0]
     c.train.init_from = str(tmp_path)
     validate(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo_demo", "reward_demo"])
+def test_demo_configs_train_from_a_checkpoint(name, tmp_path):
+    """The whole loop: a smoke base trained 2 steps, then 3 steps of the demo config on preference
+    pairs from it (the DPO reference loaded frozen from the base, the reward head fresh)."""
+    import importlib
+
+    from configs import demo
+    from tpullm.interop import init_from as interop_init_from
+    from tpullm.training import loop
+
+    base = demo.get_config("smoke")
+    base.train.update(steps=2, checkpoint_every=2, eval_every=2, log_every=1, sample_tokens=0)
+    base.optimizer.warmup_steps = 1
+    loop.train(base, str(tmp_path / "base"))
+
+    c = importlib.import_module(f"configs.{name}").get_config("smoke")
+    c.train.update(init_from=str(tmp_path / "base"), steps=3, eval_every=3, log_every=1, batch_size=4, eval_batches=1)
+    c.optimizer.warmup_steps = 1
+    c.data.update(corpus=write_jsonl(tmp_path / "p.jsonl", preference_records(60)), val_fraction=0.2)
+    source = interop_init_from.resolve(c.train.init_from)
+    metrics = loop.train(c, str(tmp_path / name), None, source, interop_init_from.frozen_sources(c, source))
+    assert np.isfinite(metrics["loss"]) and 0 <= metrics["val_pair_accuracy"] <= 1
+    assert "rewards/margins" in metrics
