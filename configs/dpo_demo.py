@@ -18,7 +18,9 @@ val_loss and val_pair_acc; before training the policy is the reference, so every
     python -m tpullm.train --config=configs/dpo_demo.py:smoke --workdir=/tmp/tpullm_dpo_smoke
 
 Another start or data: --config.train.init_from=/path/to/workdir (or hf:/dir),
---config.finetune.reference=... for another reference, --config.data.corpus=/path/to/pairs.jsonl.
+--config.finetune.reference=... for another reference, --config.data.corpus=/path/to/pairs.jsonl
+(e.g. pairs whose rejected answer is the chosen function with its lines reversed:
+python -m experiments.dpo.stdlib_preferences --rejected=reversed --out=...).
 """
 
 from configs import demo
