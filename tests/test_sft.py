@@ -246,7 +246,7 @@ def test_pipeline_packs_examples_whole_with_their_masks(tmp_path):
 def test_bad_format_or_template_is_one_clear_line():
     c = default_config()
     c.data.format = "chatty"
-    one_line = r"^data.format='chatty' is not one of \('text', 'chat', 'prompt_completion'\)$"
+    one_line = r"^data.format='chatty' is not one of \('text', 'chat', 'prompt_completion', 'preference'\)$"
     with pytest.raises(ConfigError, match=one_line):
         validate(c)
     c = default_config()

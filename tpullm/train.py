@@ -48,7 +48,7 @@ def main(argv):
 def print_sample(config, model, params) -> None:
     """The end-of-run sample, with the config's `train.sample_*` settings."""
     t = config.train
-    if t.sample_tokens <= 0:
+    if t.sample_tokens <= 0 or model.config.head == "reward":  # a reward model scores text, it does not write it
         return
     sampling = SamplingParams(t.sample_temperature, t.sample_top_k, t.sample_top_p, seed=t.seed)
     [text] = complete_texts(

@@ -48,7 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 2  # threads reading and tokenizing documents in each pipeline process
     # Supervised fine-tuning (tpullm/data/chat.py): "text" (pre-training documents) | "chat" (JSONL
     # {"messages": [{"role", "content"}]}) | "prompt_completion" (JSONL {"prompt", "completion"}); the
-    # SFT formats train only on the answers, rendered with chat_template: "chatml" | "llama2".
+    # SFT formats train only on the answers, rendered with chat_template: "chatml" | "llama2";
+    # "preference" (JSONL {"prompt", "chosen", "rejected"}, tpullm/data/preference.py) for dpo and reward.
     c.data.format = "text"
     c.data.chat_template = "chatml"
 
@@ -131,8 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # data.format and data.chat_template (tpullm/data/chat.py renders them; the data layer sits above config).
-DATA_FORMATS = ("text", "chat", "prompt_completion")
+DATA_FORMATS = ("text", "chat", "prompt_completion", "preference")
 CHAT_TEMPLATES = ("chatml", "llama2")
+# The objectives that read data.format="preference" pairs (tpullm/training/dpo.py, reward.py).
+PAIR_OBJECTIVES = ("dpo", "reward")
 
 # Every number of a run config outside `model` (validate_model checks those), with its range.
 RUN_BOUNDS = {
@@ -265,6 +268,21 @@ def _validate_init_from(init_from: str) -> None:
         )
 
 
+def _validate_finetune(c: ml_collections.ConfigDict, model: ModelConfig) -> None:
+    objective, fmt = c.finetune.objective, c.data.get("format", "text")
+    if (objective in PAIR_OBJECTIVES) != (fmt == "preference"):
+        raise ConfigError(
+            f"finetune.objective={objective!r} with data.format={fmt!r}: the {' and '.join(PAIR_OBJECTIVES)} "
+            f"objectives train on preference pairs, and only they read them; set data.format='preference' with "
+            f"finetune.objective in {PAIR_OBJECTIVES}, or neither"
+        )
+    if (objective == "reward") != (model.head == "reward"):
+        raise ConfigError(
+            f"finetune.objective={objective!r} with model.head={model.head!r}: a reward model (model.head='reward') "
+            f"trains with finetune.objective='reward' and only with it; set both or neither"
+        )
+
+
 def validate(c: ml_collections.ConfigDict) -> ModelConfig:
     """Checks a whole run config; returns its resolved ModelConfig."""
     model = ModelConfig.from_any(c.model).resolve()
@@ -297,6 +315,7 @@ def validate(c: ml_collections.ConfigDict) -> ModelConfig:
             f"model.max_length or shorten data.seq_len"
         )
     _validate_init_from(t.init_from)
+    _validate_finetune(c, model)
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must be smaller than train.steps={t.steps}")
     sequence = c.mesh.ici.get("sequence", 1) * c.mesh.dcn.get("sequence", 1)

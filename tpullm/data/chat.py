@@ -169,14 +169,13 @@ class ChatExamples:
         return f"{self.counts.summary(self.spec.name)}; {trained:,} of {total:,} target tokens trained"
 
 
-def _examples(spec: SourceSpec, fmt: str, template: str, tokenizer, add_bos: bool, seq_len: int, counts: Counts):
+def _examples(spec: SourceSpec, to_array, seq_len: int, counts: Counts):
     for name, record in iter_jsonl_records(spec, counts):
         try:
-            pieces = render(messages_of(record, fmt), template, add_bos)
+            array = to_array(record)
         except BadRecord as e:
             counts.bad[str(e)] += 1
             continue
-        array = example_array(*tokenize(pieces, tokenizer))
         if array.shape[0] > seq_len:
             counts.bad[f"longer than data.seq_len={seq_len} (dropped)"] += 1
             continue
@@ -184,14 +183,20 @@ def _examples(spec: SourceSpec, fmt: str, template: str, tokenizer, add_bos: boo
         yield name, array
 
 
-def open_examples(spec: SourceSpec, data_config, tokenizer) -> ChatExamples:
-    """Reads a JSONL source of `data.format` examples into memory (see the module doc)."""
+def open_examples(spec: SourceSpec, data_config, tokenizer, to_array=None) -> ChatExamples:
+    """Reads a JSONL source of `data.format` examples into memory (see the module doc). `to_array(record)`
+    makes a record's example (raising BadRecord for a bad one); by default the SFT formats'."""
     fmt, template = data_config.format, data_config.get("chat_template", "chatml")
     if spec.kind != "jsonl":
         raise ValueError(f"data.format={fmt!r} reads JSONL files; source {spec.name} is {spec.kind} ({spec.path})")
     counts = Counts()
     add_bos = bool(data_config.get("add_bos", False))
-    pairs = list(_examples(spec, fmt, template, tokenizer, add_bos, data_config.seq_len, counts))
+    if to_array is None:
+
+        def to_array(record):
+            return example_array(*tokenize(render(messages_of(record, fmt), template, add_bos), tokenizer))
+
+    pairs = list(_examples(spec, to_array, data_config.seq_len, counts))
     names, arrays = [n for n, _ in pairs], [a for _, a in pairs]
     if not arrays:
         raise ValueError(f"source {spec.name} ({spec.path}) has no {fmt} examples: {counts.summary(spec.name)}")

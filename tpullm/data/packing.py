@@ -8,7 +8,9 @@ Convention (one row = one training sequence of `seq_len` positions):
     in the next row as a new segment. Its targets are computed before the cut, so the last
     position of a row still predicts the document's next token: no token is lost to packing.
   - segment_ids number the documents inside a row 1, 2, 3...; 0 is padding. Attention must not
-    cross segments (the model builds its mask from them).
+    cross segments (the model builds its mask from them). A new segment also starts wherever an
+    example's offset is 0 again: a preference pair (data/preference.py) is one example, its
+    chosen then its rejected sequence, packed whole but two segments that never see each other.
   - positions count from 0 at each segment start, so a continued document restarts at 0 at the
     row start. Positions therefore stay < seq_len (learned position tables need that), and a
     continuation cannot attend to its earlier part in the previous row anyway.
@@ -76,6 +78,16 @@ def document_example(ids: np.ndarray, eos_id: int, bos_id: int = 0, add_bos: boo
     return example
 
 
+def segments(new_segment: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(segment_ids, positions), int32 [rows, seq_len], of rows whose segments start where
+    `new_segment` is set (`valid`: the non-padding positions, both [rows, seq_len] bool)."""
+    segment_ids = np.cumsum(new_segment, axis=1, dtype=np.int32) * valid
+    # Position = column - column where the current segment started (a running max of starts).
+    cols = np.arange(new_segment.shape[1], dtype=np.int32)
+    seg_start = np.maximum.accumulate(np.where(new_segment, cols, 0).astype(np.int32), axis=1)
+    return segment_ids, ((cols - seg_start) * valid).astype(np.int32)
+
+
 def pack_examples(examples: Sequence[np.ndarray], seq_len: int, pad_id: int = 0, split: bool = True) -> PackedRows:
     """Packs examples ([n_i, 4] (input, target, offset, loss mask), as `document_example` makes)
     into rows of seq_len, in order. split=True continues an example that does not fit in the rest
@@ -109,22 +121,17 @@ def pack_examples(examples: Sequence[np.ndarray], seq_len: int, pad_id: int = 0,
         stream[index] = np.concatenate(examples)
         valid[index] = True
         new_segment[starts] = True
+        new_segment |= valid & (stream[:, 2] == 0)  # the rejected half of a preference pair
 
     stream = stream.reshape(n_rows, seq_len, 4)
     valid, new_segment = valid.reshape(n_rows, seq_len), new_segment.reshape(n_rows, seq_len)
     new_segment[:, 0] |= valid[:, 0]  # an example continuing from the previous row is a new segment
-
-    segment_ids = np.cumsum(new_segment, axis=1, dtype=np.int32)
-    segment_ids *= valid
-    # Position = column - column where the current segment started (a running max of starts).
-    cols = np.arange(seq_len, dtype=np.int32)
-    seg_start = np.maximum.accumulate(np.where(new_segment, cols, 0).astype(np.int32), axis=1)
-    positions = (cols - seg_start) * valid
+    segment_ids, positions = segments(new_segment, valid)
     return PackedRows(
         tokens=stream[..., 0],
         targets=stream[..., 1],
         segment_ids=segment_ids,
-        positions=positions.astype(np.int32),
+        positions=positions,
         loss_mask=(valid & (stream[..., 3] > 0)).astype(np.float32),
     )
 
@@ -210,19 +217,23 @@ class PackedToBatch:
 
     def __call__(self, batch):
         ids = batch[PACKED]  # [b, s, 4]
-        segment_ids = batch[f"{PACKED}_segment_ids"].astype(np.int32)  # [b, s], 0 = padding
-        valid = segment_ids > 0
+        packed = batch[f"{PACKED}_segment_ids"].astype(np.int32)  # [b, s] grain's: 1.. per piece, 0 = padding
+        valid = packed > 0
         trained = valid & (ids[..., 3] > 0)
-        # Key of each token's document: the meta feature holds one key per segment, in order.
-        keys = np.take_along_axis(batch[KEY], np.maximum(segment_ids - 1, 0), axis=1)  # [b, s]
+        # Key of each token's document: the meta feature holds one key per packed piece, in order.
+        keys = np.take_along_axis(batch[KEY], np.maximum(packed - 1, 0), axis=1)  # [b, s]
         offsets = ids[..., 2]
+        piece_start = valid & (packed != np.pad(packed[:, :-1], ((0, 0), (1, 0))))  # [b, s]
+        # A segment per piece, and one more where a preference pair's rejected sequence starts (offset 0
+        # inside a piece): the positions then restart there too, as in `pack_examples`.
+        segment_ids, positions = segments(piece_start | (valid & (offsets == 0)), valid)
         out = {
             "tokens": np.where(valid, ids[..., 0], self.pad_id).astype(np.int32),
             "targets": np.where(valid, ids[..., 1], self.pad_id).astype(np.int32),
             "segment_ids": segment_ids,
-            "positions": batch[f"{PACKED}_positions"].astype(np.int32) * valid,
+            "positions": positions,
             "loss_mask": trained.astype(np.float32),
-            "_documents": keys[valid & (offsets == 0)],
+            "_documents": keys[piece_start & (offsets == 0)],
             "_source_tokens": np.bincount(decode_keys(keys[trained])[0], minlength=self.num_sources).astype(np.int64),
         }
         if self.debug:

@@ -35,7 +35,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
-from tpullm.data.chat import open_examples
+from tpullm.data.chat import open_examples as open_chat
 from tpullm.data.mixture import Accounting, document_weights
 from tpullm.data.packing import (
     FIELDS,
@@ -48,6 +48,7 @@ from tpullm.data.packing import (
     pack_examples,
     unigram_entropy,
 )
+from tpullm.data.preference import open_pairs
 from tpullm.data.shuffle import EpochShuffle, RowShuffleIterDataset
 from tpullm.data.sources import TokenShards, open_source, specs_from_config, split_indices
 
@@ -86,8 +87,9 @@ class DataSources:
         self.format = data_config.get("format", "text")
         self.chat_template = data_config.get("chat_template", "chatml") if self.format != "text" else ""
         self.tokenizer = tokenizer
+        open_examples = {"text": None, "preference": open_pairs}.get(self.format, open_chat)
         self.sources = [
-            open_source(spec, tokenizer) if self.format == "text" else open_examples(spec, data_config, tokenizer)
+            open_examples(spec, data_config, tokenizer) if open_examples else open_source(spec, tokenizer)
             for spec in self.specs
         ]
         self.train_ids, self.val_ids = zip(*(split_indices(s, self.val_fraction) for s in self.sources))

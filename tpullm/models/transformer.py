@@ -113,7 +113,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, cache: str = "", cache_slots: int = 0):
         """tokens, segment_ids, positions: [batch, length] int. Returns logits [batch, length, padded vocab]
-        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value).
+        (`padded_vocab_size`; the padding ids' logits are the dtype's lowest value), or with
+        model.head="reward" a reward per position [batch, length].
 
         segment_ids default to one document per row; positions default to 0..length-1.
         With model.soft_prompt_length = P the P trained virtual tokens run before every row (every document
@@ -164,6 +165,16 @@ class Decoder(nn.Module):
         elif cache != "decode":  # the caller's tokens only, without the soft prompt's
             x = x[:, x.shape[1] - tokens.shape[1] :]
         x = make_norm(cfg, "final_norm")(x)
+        if cfg.head == "reward":  # a reward model (training/reward.py): one scalar per position
+            reward = nn.Dense(
+                1,
+                use_bias=False,  # a constant added to every reward cancels in the Bradley-Terry loss
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", None)),
+                name="reward_head",
+            )(x)  # [b, l, 1]
+            return nn.with_logical_constraint(reward[..., 0], ("activation_batch", "activation_length"))
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)
         else:

@@ -12,9 +12,11 @@ import dataclasses
 from tpullm.config import ConfigError, ModelConfig
 from tpullm.models import Decoder
 from tpullm.training.distill import Distillation
+from tpullm.training.dpo import DPO
 from tpullm.training.objective import LanguageModeling, Objective
+from tpullm.training.reward import Reward
 
-OBJECTIVES = ("lm", "distill")
+OBJECTIVES = ("lm", "dpo", "reward", "distill")
 
 
 def frozen_config(source: ModelConfig, run: ModelConfig) -> ModelConfig:
@@ -62,6 +64,11 @@ def make_objective(config, model_cfg: ModelConfig, sources: dict | None = None) 
     f = config.finetune
     if f.objective == "lm":
         return LanguageModeling(config.optimizer.z_loss)
+    if f.objective == "dpo":
+        reference = frozen_models(("reference",), model_cfg, sources or {})["reference"]
+        return DPO(reference, f.dpo_beta, f.dpo_label_smoothing)
+    if f.objective == "reward":
+        return Reward()
     if f.objective == "distill":
         [teacher] = frozen_models(("teacher",), model_cfg, sources or {}).values()
         check_vocabulary(f.teacher, teacher.config, model_cfg)

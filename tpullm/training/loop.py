@@ -416,9 +416,13 @@ def format_step(step: int, total: int, m: dict) -> str:
         parts.append(f"moe_aux {m['moe_aux_loss']:.3f} dropped {m['moe_dropped']:.1%}")
     if "kl" in m:  # distillation: KL to the teacher at finetune.temperature
         parts.append(f"kl {m['kl']:.4f}")
+    if "rewards/accuracies" in m:  # preference pairs (dpo, reward): the share ranked right
+        parts.append(f"pair_acc {m['rewards/accuracies']:.1%}")
     if "val_loss" in m:
         parts.append(f"val_loss {m['val_loss']:.4f}")
     if "val_kl" in m:
         parts.append(f"val_kl {m['val_kl']:.4f}")
+    if "val_pair_accuracy" in m:
+        parts.append(f"val_pair_acc {m['val_pair_accuracy']:.1%}")
     parts.append(f"ETA {metrics_lib.format_eta(m['eta_sec'])}")
     return " | ".join(parts)

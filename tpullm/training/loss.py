@@ -11,6 +11,23 @@ import jax
 import jax.numpy as jnp
 
 
+def _log_z_and_target_logit(logits, targets):
+    """(log Z, logit of the target), float32 [batch, length] each, of float32 logits [batch, length, vocab]."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+    # Pick logit[target] with a compare-and-sum rather than a gather: it fuses, and stays
+    # a local reduce + all-reduce when the vocab axis is sharded across devices.
+    vocab_ids = jnp.arange(logits.shape[-1])  # [vocab]
+    target_logit = jnp.sum(jnp.where(vocab_ids == jnp.asarray(targets)[..., None], logits, 0.0), axis=-1)
+    return log_z, target_logit
+
+
+def target_log_probs(logits, targets):
+    """log p(target) per position, float32 [batch, length], of logits [batch, length, vocab] (any float
+    dtype) and int targets [batch, length]: what DPO sums over a sequence's response tokens."""
+    log_z, target_logit = _log_z_and_target_logit(jnp.asarray(logits).astype(jnp.float32), targets)
+    return target_logit - log_z
+
+
 def cross_entropy_sums(logits, targets, mask, z_loss: float = 0.0):
     """Masked sums over all tokens.
 
@@ -20,13 +37,8 @@ def cross_entropy_sums(logits, targets, mask, z_loss: float = 0.0):
     sum_loss = sum_ce + z_loss * sum_z and sum_z is the masked sum of log(Z)^2.
     """
     logits = jnp.asarray(logits).astype(jnp.float32)
-    targets = jnp.asarray(targets)
     mask = jnp.asarray(mask).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
-    # Pick logit[target] with a compare-and-sum rather than a gather: it fuses, and stays
-    # a local reduce + all-reduce when the vocab axis is sharded across devices.
-    vocab_ids = jnp.arange(logits.shape[-1])  # [vocab]
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)  # [batch, length]
+    log_z, target_logit = _log_z_and_target_logit(logits, targets)
 
     sum_ce = jnp.sum(mask * (log_z - target_logit))
     sum_z = jnp.sum(mask * jnp.square(log_z))
