@@ -77,6 +77,11 @@ def main(argv):
         lines.append(
             f"| {name} | {last_val['val_loss']:.4f} | {last_val['val_accuracy']:.3f} | {kl} | {rows[-1]['ce']:.4f} |"
         )
+    evals = {name: [r for r in read_metrics(run_dir(root, name)) if "val_loss" in r] for name in RUNS}
+    header = "| step | " + " | ".join(RUNS) + " |"
+    lines += ["", "val_loss at each evaluation:", "", header, "|---" * (1 + len(RUNS)) + "|"]
+    for i, r in enumerate(evals["distilled"]):
+        lines.append(f"| {r['step']} | " + " | ".join(f"{evals[name][i]['val_loss']:.4f}" for name in RUNS) + " |")
     text = "\n".join(lines) + "\n"
     with open(_OUT.value, "w") as f:
         f.write(text)
