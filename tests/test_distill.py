@@ -121,12 +121,9 @@ def test_loss_mixes_kl_and_ce_by_the_weight():
     teacher_params = params_of(CFG, 1)
     temperature, weight, z = 2.0, 0.3, 1e-3
     objective = distillation(CFG, temperature, weight, z)
-    loss = loss_of(objective, model, params, {"teacher": teacher_params}, batch)
-
-    def logits(p):
-        return np.asarray(apply(model, p, batch)[0], np.float64)[..., : CFG.vocab_size]
-
-    student, teacher = logits(params), logits(teacher_params)
+    loss = jax.jit(lambda p, t: loss_of(objective, model, p, {"teacher": t}, batch))(params, teacher_params)
+    logits = jax.jit(lambda p: apply(model, p, batch)[0][..., : CFG.vocab_size])
+    student, teacher = (np.asarray(logits(p), np.float64) for p in (params, teacher_params))
     mask, n = batch["loss_mask"], batch["loss_mask"].sum()
     p, q = softmax64(teacher, temperature), softmax64(student, temperature)
     kl = np.sum(mask * np.sum(p * (np.log(p) - np.log(q)), -1)) / n
