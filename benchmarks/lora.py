@@ -9,7 +9,6 @@ the params, the optimizer state (AdamW's two moments: for every param in full fi
 adapters alone with LoRA), the whole train state, the trainable params, and the median step time.
 """
 
-import math
 import os
 import statistics
 import time
@@ -21,7 +20,7 @@ from ml_collections import config_flags
 
 from tpullm import config as config_lib
 from tpullm.data.synthetic import random_packed_batch
-from tpullm.parallel import rules
+from tpullm.parallel import memory, rules
 from tpullm.training import loop, trainable
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
@@ -33,11 +32,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per run, after one c
 MIB = 2**20
 
 
-def per_device_bytes(tree) -> int:
-    """Bytes one device holds of an abstract tree whose leaves carry shardings (the first device's share)."""
-    return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def run(config, name: str) -> dict:
     model_cfg = config_lib.validate(config)
     setup = loop.build(config, model_cfg)
@@ -45,9 +39,9 @@ def run(config, name: str) -> dict:
     trained, total = trainable.count(state.params, setup.trainable)
     row = {
         "run": name,
-        "params": per_device_bytes(state.params),
-        "optimizer": per_device_bytes(state.opt_state),
-        "state": per_device_bytes(state),
+        "params": memory.shard_bytes(state.params),
+        "optimizer": memory.shard_bytes(state.opt_state),
+        "state": memory.shard_bytes(state),
         "trainable": trained,
         "total": total,
     }

@@ -4,6 +4,7 @@ tpullm/training/reward.py): trl's DPO numbers, the pair data, the Bradley-Terry 
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +155,34 @@ def test_policy_equal_to_reference_gives_log_2_and_no_preference(ours):
     m = our_metrics((model, policy, policy), TOKEN_PAIRS, 0.1, 0.0)
     np.testing.assert_allclose(m["loss"], np.log(2), rtol=1e-6)
     assert m["rewards/margins"] == 0 and m["rewards/accuracies"] == 0
+
+
+def test_a_lora_runs_own_base_is_the_reference_it_would_load(ours):
+    """With LoRA and no finetune.reference, DPO's reference is the policy's params without the adapters
+    (finetune.lora_base_reference): the same loss and adapter gradients as the base loaded as a frozen model."""
+    from tpullm.models import lora
+
+    model, base, _ = ours
+    lora_model = models.Decoder(dataclasses.replace(model.config, lora_rank=4, lora_targets="attention/"))
+    batch = token_pair_rows(TOKEN_PAIRS)
+    fresh = lora_model.init(jax.random.key(0), batch["tokens"][:, :8])["params"]
+    params = init_from.overlay(nn.unbox(fresh), base)
+    params["layers"]["attention"]["query"]["lora_b"] += 0.05  # a policy that moved away from its base
+    shared = DPO(models.Decoder(lora.merged_config(lora_model.config)), 0.1, lora_base=True)
+    loaded = DPO(model, 0.1)
+    assert shared.frozen_models == {} and set(loaded.frozen_models) == {"reference"}
+
+    def loss_and_grads(objective, frozen):
+        def loss(p):
+            return objective.loss(lora_model, objective.sums(lora_model, p, frozen, batch, None), 1.0)  # summed
+
+        return jax.value_and_grad(loss)(params)
+
+    (l1, g1), (l2, g2) = loss_and_grads(shared, {}), loss_and_grads(loaded, {"reference": base})
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    assert l1 != pytest.approx(np.log(2) * len(TOKEN_PAIRS))  # the policy differs from the reference
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------- preference data

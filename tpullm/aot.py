@@ -26,6 +26,7 @@ from tpullm.parallel import memory, rules
 from tpullm.parallel import mesh as mesh_lib
 from tpullm.parallel import topology as topology_lib
 from tpullm.training import loop
+from tpullm.training import trainable as trainable_lib
 
 
 def define_flags():
@@ -91,6 +92,7 @@ def report(config, topology_name: str, num_slices: int = 1) -> dict:
         config.train.batch_size,
         config.data.seq_len,
         config.train.grad_accum_steps,
+        trainable_lib.split(setup.abstract_state.params, setup.trainable)[0],
     )
     lines = [
         setup.layout.text(config.mesh.max_replicated_share),

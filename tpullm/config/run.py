@@ -112,7 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
     # The regex of the parameter paths that train (tpullm/training/trainable.py); "": the adapters
     # (model.lora_rank, model.soft_prompt_length) when the model has any, else everything.
     c.finetune.trainable = ""
-    # dpo: the frozen reference model, "" for the run's starting weights (train.init_from, without adapters).
+    # dpo: the frozen reference model, "" for the run's starting weights (train.init_from; a LoRA run that trains
+    # only its adapters uses its own base weights: no second copy).
     c.finetune.reference = ""
     c.finetune.dpo_beta = 0.1
     c.finetune.dpo_label_smoothing = 0.0  # cDPO: the assumed share of flipped preference labels

@@ -19,6 +19,7 @@ from tpullm.interop.hf_dir import HFDirectory
 from tpullm.interop.hf_export import TOKENIZER_MODEL
 from tpullm.interop.vocab import pad_vocab, unpad_vocab
 from tpullm.models import pipeline
+from tpullm.training import finetune
 from tpullm.training.init_from import HF_PREFIX, InitSource, common
 
 
@@ -81,9 +82,10 @@ def resolve(init_from: str) -> InitSource:
 
 def frozen_sources(config, init_source: InitSource | None) -> dict:
     """{name: InitSource} of the frozen models `finetune.objective` needs: DPO's "reference"
-    (`finetune.reference`, by default the run's starting weights) and distillation's "teacher"."""
+    (`finetune.reference`, by default the run's starting weights, none when a LoRA run's own base is
+    the reference) and distillation's "teacher"."""
     f = config.finetune
-    if f.objective == "dpo":
+    if f.objective == "dpo" and not finetune.lora_base_reference(config):
         if not (f.reference or init_source):
             raise ConfigError(
                 "finetune.objective='dpo' needs a reference model: set train.init_from (the reference is the "

@@ -103,6 +103,13 @@ def merged_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, lora_rank=0)
 
 
+def base(params):
+    """params without the adapters: the frozen base weights, which a merged_config model runs."""
+    if not isinstance(params, Mapping):
+        return params
+    return {k: base(v) for k, v in params.items() if k not in ADAPTERS}
+
+
 def merge(params, cfg: ModelConfig):
     """params with W + (alpha / r) A B folded into every adapted kernel and the adapters dropped (computed
     in float32, stored in the kernel's dtype). Any leading axes (the scan's `layers`, the pipeline's

@@ -90,13 +90,21 @@ def activation_bytes(m: ModelConfig, tokens: float, seq_len: int, tensor: int) -
 
 
 def estimate(
-    m: ModelConfig, abstract_state, mesh_shape, batch_size: int, seq_len: int, grad_accum_steps: int = 1
+    m: ModelConfig,
+    abstract_state,
+    mesh_shape,
+    batch_size: int,
+    seq_len: int,
+    grad_accum_steps: int = 1,
+    trained_params=None,
 ) -> Estimate:
-    """Bytes per device of one train step: state from the shardings, the rest from the shapes."""
+    """Bytes per device of one train step: state from the shardings, the rest from the shapes.
+    `trained_params`: the abstract params that get gradients (fine-tuning adapters; default all)."""
     params = shard_bytes(abstract_state.params)
     batch_shards = rules.degree("activation_batch", mesh_shape)
     tokens = batch_size / grad_accum_steps / batch_shards * seq_len / rules.degree("activation_length", mesh_shape)
-    grads = params * (2 if grad_accum_steps > 1 else 1)  # the accumulator is one more copy
+    trained = params if trained_params is None else shard_bytes(trained_params)
+    grads = trained * (2 if grad_accum_steps > 1 else 1)  # the accumulator is one more copy
     layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params["layers"])) / m.num_layers
     tensor = rules.degree("heads", mesh_shape)  # heads and the MLP hidden dimension
     # The pipeline gathers its stage's layers once for the whole step (tpullm/models/pipeline.py).

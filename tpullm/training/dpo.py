@@ -12,9 +12,10 @@ rewards/rejected, rewards/accuracies (chosen reward > rejected), rewards/margins
 logps/rejected, each a mean over pairs. Validation: val_loss and val_pair_accuracy over held-out pairs.
 
 The reference is `frozen_models["reference"]` (finetune.reference, or the run's starting weights);
-its params arrive in the step as frozen["reference"]. Mixture-of-experts router losses are not added.
-Follow-up: with LoRA the reference could be the policy's own base weights without the adapters
-(no second copy of the model), as trl does with peft; here it is always a separate frozen model.
+its params arrive in the step as frozen["reference"]. A LoRA run that trains only its adapters and
+names no reference uses its own base weights (the adapters left out), as trl does with peft: the
+starting policy, without a second copy of the model (`training/finetune.lora_base_reference`).
+Mixture-of-experts router losses are not added.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpullm.models import lora
 from tpullm.training import pairs
 from tpullm.training.loss import target_log_probs
 from tpullm.training.objective import Objective, apply
@@ -41,14 +43,20 @@ def dpo_losses(h, beta: float, label_smoothing: float):
 
 
 class DPO(Objective):
-    def __init__(self, reference, beta: float, label_smoothing: float = 0.0):
-        self.frozen_models = {"reference": reference}
+    """reference: the reference Decoder. With `lora_base`, it runs the policy's own params without the
+    LoRA adapters (the frozen base, which is the starting policy): no second copy of the weights is
+    loaded; otherwise it is a frozen model whose params arrive as frozen["reference"]."""
+
+    def __init__(self, reference, beta: float, label_smoothing: float = 0.0, lora_base: bool = False):
+        self.reference, self.lora_base = reference, lora_base
+        self.frozen_models = {} if lora_base else {"reference": reference}
         self.beta, self.label_smoothing = beta, label_smoothing
 
     def pair_terms(self, model, params, frozen, batch, rng=None):
         """(losses, chosen rewards, rejected rewards, chosen logps, rejected logps, real), [batch, max_pairs]."""
         chosen, rejected = sequence_log_probs(model, params, batch, rng)
-        ref_chosen, ref_rejected = sequence_log_probs(self.frozen_models["reference"], frozen["reference"], batch)
+        reference = jax.lax.stop_gradient(lora.base(params)) if self.lora_base else frozen["reference"]
+        ref_chosen, ref_rejected = sequence_log_probs(self.reference, reference, batch)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         losses = dpo_losses(chosen_ratio - rejected_ratio, self.beta, self.label_smoothing)
         real = pairs.real(batch["segment_ids"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from tpullm.config import ConfigError, ModelConfig
-from tpullm.models import Decoder
+from tpullm.models import Decoder, lora
 from tpullm.training.distill import Distillation
 from tpullm.training.dpo import DPO
 from tpullm.training.objective import LanguageModeling, Objective
@@ -40,6 +40,13 @@ def frozen_config(source: ModelConfig, run: ModelConfig) -> ModelConfig:
     )
 
 
+def lora_base_reference(config) -> bool:
+    """Whether a DPO run's reference is its own frozen base: a LoRA run (no soft prompt) that trains only
+    its adapters and names no other reference. Its starting policy is then exactly the base (B = 0)."""
+    f, m = config.finetune, config.model
+    return f.objective == "dpo" and not f.reference and m.lora_rank > 0 and not m.soft_prompt_length and not f.trainable
+
+
 def frozen_models(names: tuple[str, ...], model_cfg: ModelConfig, sources: dict) -> dict:
     """{name: Decoder} of each frozen model, from its source's config (`sources`: {name: InitSource})."""
     missing = [n for n in names if n not in sources]
@@ -65,6 +72,8 @@ def make_objective(config, model_cfg: ModelConfig, sources: dict | None = None) 
     if f.objective == "lm":
         return LanguageModeling(config.optimizer.z_loss)
     if f.objective == "dpo":
+        if lora_base_reference(config):
+            return DPO(Decoder(lora.merged_config(model_cfg)), f.dpo_beta, f.dpo_label_smoothing, lora_base=True)
         reference = frozen_models(("reference",), model_cfg, sources or {})["reference"]
         return DPO(reference, f.dpo_beta, f.dpo_label_smoothing)
     if f.objective == "reward":
