@@ -10,17 +10,15 @@ adapters alone with LoRA), the whole train state, the trainable params, and the 
 """
 
 import os
-import statistics
-import time
 
-import flax.linen as nn
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+from step_timing import median_step_ms
 
 from tpullm import config as config_lib
 from tpullm.data.synthetic import random_packed_batch
-from tpullm.parallel import memory, rules
+from tpullm.parallel import memory
 from tpullm.training import loop, trainable
 
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
@@ -45,22 +43,9 @@ def run(config, name: str) -> dict:
         "trainable": trained,
         "total": total,
     }
-    batch = loop.put_batch(
-        random_packed_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size),
-        rules.batch_sharding(setup.mesh),
-    )
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules.LOGICAL_AXIS_RULES):
-        step = loop.jit_train_step(setup, config)
-        live = setup.init_state(jax.random.key(0))
-        live, metrics = step(live, batch)  # compiles
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(_REPEATS.value):
-            start = time.perf_counter()
-            live, metrics = step(live, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-    row["step_s"] = statistics.median(times)
+    rows = random_packed_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size)
+    ms, _ = median_step_ms(loop.jit_train_step(setup, config), setup, rows, _REPEATS.value)
+    row["step_s"] = ms / 1e3
     return row
 
 
