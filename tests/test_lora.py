@@ -260,6 +260,7 @@ STRATEGIES = {
     "tensor=8": ({"data": 1, "tensor": 8}, {"num_heads": 8, "num_kv_heads": 8}),
     "stage=2,fsdp=4": ({"data": 1, "stage": 2, "fsdp": 4}, {"pipeline_stages": 2, "pipeline_microbatches": 2}),
 }
+FAST = ("fsdp=8", "tensor=8")  # the default run; --runslow adds the pipeline
 
 
 def _step(config, devices, state0):
@@ -285,10 +286,12 @@ def _lora_config(ici, model):
     return config
 
 
-def _worker(out_path):
+def _worker(out_path, which):
     assert jax.device_count() == 8, jax.devices()
     results, references = {}, {}
     for name, (ici, model) in STRATEGIES.items():
+        if (name in FAST) != (which == "fast"):
+            continue
         plain = {k: v for k, v in model.items() if not k.startswith("pipeline")}  # same weights, no schedule
         key = json.dumps(plain, sort_keys=True)
         if key not in references:
@@ -301,15 +304,20 @@ def _worker(out_path):
 
 
 @pytest.fixture(scope="module")
-def strategies(tmp_path_factory):
-    return results_on_devices(tmp_path_factory, __file__, timeout=900)
+def fast(tmp_path_factory):
+    return results_on_devices(tmp_path_factory, __file__, "fast", timeout=900)
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
-def test_lora_step_on_a_mesh_matches_one_device(strategies, name):
-    r = strategies[name]
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    return results_on_devices(tmp_path_factory, __file__, "slow", timeout=900)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in STRATEGIES])
+def test_lora_step_on_a_mesh_matches_one_device(request, name):
+    r = request.getfixturevalue("fast" if name in FAST else "slow")[name]
     assert r["step_loss_rel"] < 2e-5 and r["grad_norm_rel"] < 2e-5 and r["params_rel"] < 2e-5, r
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(*sys.argv[1:])

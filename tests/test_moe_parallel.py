@@ -39,6 +39,8 @@ CASES = [
     ("capacity", "expert=8", 8),
     ("capacity", "expert=2,fsdp=2,data=2", 4),
 ]
+# The default run: the all-to-all path alone and with tensor parallelism; --runslow adds the rest.
+FAST = {("dropless", "expert=8"), ("dropless", "expert=2,tensor=2,data=2")}
 # 8 experts, top-2; capacity_factor = E / k gives every expert a slot for every token of a row.
 MOE = dict(
     embed_dim=64,
@@ -180,12 +182,13 @@ def _uneven_experts_error() -> str:
     return ""
 
 
-def _worker(out_path):
+def _worker(out_path, which):
     assert jax.device_count() == 8, jax.devices()
-    results = {"skewed": _skewed_layer(), "uneven_error": _uneven_experts_error()}
-    for dispatch in dict.fromkeys(d for d, _, _ in CASES):
+    cases = [c for c in CASES if (c[:2] in FAST) == (which == "fast")]
+    results = {"skewed": _skewed_layer(), "uneven_error": _uneven_experts_error()} if which == "fast" else {}
+    for dispatch in dict.fromkeys(d for d, _, _ in cases):
         loss0, grads0, metrics0, params0, facts0, state0 = _run(moe_config({"data": 1}, dispatch), jax.devices()[:1])
-        for _, name, _ in [c for c in CASES if c[0] == dispatch]:
+        for _, name, _ in [c for c in cases if c[0] == dispatch]:
             loss, grads, metrics, params, facts, _ = _run(moe_config(STRATEGIES[name], dispatch), None, state0)
             results[f"{dispatch}:{name}"] = {
                 "loss": loss,
@@ -202,13 +205,28 @@ def _worker(out_path):
 
 
 @pytest.fixture(scope="module")
-def strategies(tmp_path_factory):
-    return results_on_devices(tmp_path_factory, __file__, timeout=1800)
+def fast(tmp_path_factory):
+    return results_on_devices(tmp_path_factory, __file__, "fast", timeout=1800)
 
 
-@pytest.mark.parametrize("dispatch, name, cut", CASES)
-def test_expert_parallel_matches_single_device(strategies, dispatch, name, cut):
-    r = strategies[f"{dispatch}:{name}"]
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    return results_on_devices(tmp_path_factory, __file__, "slow", timeout=1800)
+
+
+def case_results(request, dispatch, name) -> dict:
+    """The results of one case, from the child that ran it (FAST in the default run, the rest with --runslow)."""
+    return request.getfixturevalue("fast" if (dispatch, name) in FAST else "slow")[f"{dispatch}:{name}"]
+
+
+def case_params(cases):
+    """pytest params of `cases` ((dispatch, name, ...) tuples), those outside FAST marked slow."""
+    return [pytest.param(*c, marks=() if c[:2] in FAST else pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("dispatch, name, cut", case_params(CASES))
+def test_expert_parallel_matches_single_device(request, dispatch, name, cut):
+    r = case_results(request, dispatch, name)
     assert r["dropped"] == 0.0
     # f32 sums in a different order: ~1e-6 expected, 2e-5 leaves margin (as tests/test_parallel.py).
     assert r["loss_rel"] < 2e-5 and r["step_loss_rel"] < 2e-5 and r["aux_rel"] < 1e-5, r
@@ -217,40 +235,40 @@ def test_expert_parallel_matches_single_device(strategies, dispatch, name, cut):
     assert r["params_rel"] < 2e-5, r
 
 
-@pytest.mark.parametrize("dispatch, name, cut", CASES)
-def test_expert_weights_are_split(strategies, dispatch, name, cut):
+@pytest.mark.parametrize("dispatch, name, cut", case_params(CASES))
+def test_expert_weights_are_split(request, dispatch, name, cut):
     """Bytes of expert weights each device is handed by the compiled step: experts over `expert`,
     and their embed dimension over `fsdp` or their mlp dimension over `tensor`."""
-    assert strategies[f"{dispatch}:{name}"]["expert_cut"] == cut
+    assert case_results(request, dispatch, name)["expert_cut"] == cut
 
 
-@pytest.mark.parametrize("name", [n for d, n, _ in CASES if d == "dropless"])
-def test_dropless_exchanges_tokens_by_all_to_all(strategies, name):
-    r = strategies[f"dropless:{name}"]
+@pytest.mark.parametrize("dispatch, name", case_params([c[:2] for c in CASES if c[0] == "dropless"]))
+def test_dropless_exchanges_tokens_by_all_to_all(request, dispatch, name):
+    r = case_results(request, dispatch, name)
     assert r["collectives"].get("all-to-all", 0) >= 3, r["collectives"]  # tokens, counts, results (+ backward)
     assert r["whole_expert_gathers"] == 0, r["collectives"]
 
 
-@pytest.mark.parametrize("name", [n for d, n, _ in CASES if d == "capacity"])
-def test_capacity_gathers_whole_experts(strategies, name):
+@pytest.mark.parametrize("dispatch, name", case_params([c[:2] for c in CASES if c[0] == "capacity"]))
+def test_capacity_gathers_whole_experts(request, dispatch, name):
     """What XLA makes of the capacity path's einsums at this size: it gathers all experts onto every
     device rather than moving tokens (the weights are smaller than the dispatched slots), so
     capacity dispatch through the rules stores experts split but computes them replicated."""
-    r = strategies[f"capacity:{name}"]
+    r = case_results(request, dispatch, name)
     assert "all-to-all" not in r["collectives"], r["collectives"]
     assert r["whole_expert_gathers"] > 0, r["collectives"]
 
 
-def test_skewed_routing_fills_the_send_buffers(strategies):
-    r = strategies["skewed"]
+def test_skewed_routing_fills_the_send_buffers(fast):
+    r = fast["skewed"]
     assert r["all_to_all"] and r["value_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
 
 
-def test_experts_must_divide_the_expert_degree(strategies):
-    assert (
-        "model.num_experts=6 does not split over the mesh's expert degree 4 (6 % 4 = 2)" in strategies["uneven_error"]
-    ), strategies["uneven_error"]
+def test_experts_must_divide_the_expert_degree(fast):
+    assert "model.num_experts=6 does not split over the mesh's expert degree 4 (6 % 4 = 2)" in fast["uneven_error"], (
+        fast["uneven_error"]
+    )
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(*sys.argv[1:])

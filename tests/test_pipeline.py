@@ -28,15 +28,15 @@ from tpullm.training import loop
 TINY = dict(embed_dim=32, num_layers=4, num_heads=2, num_kv_heads=1, mlp_dim=64)
 # name -> (ici degrees, pipeline fields); data=-1 takes the remaining devices.
 STRATEGIES = {
-    "stage=2": ({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
-    "stage=4": ({"stage": 4}, dict(pipeline_stages=4, pipeline_microbatches=4, remat_policy="dots")),
     "stage=2,repeats=2": (
         {"stage": 2},
         dict(pipeline_stages=2, pipeline_microbatches=2, pipeline_repeats=2, remat_policy="full"),
     ),
     "stage=2,fsdp=2,data=2": ({"stage": 2, "fsdp": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
 }
-SLOW = {  # 8 layers, and the pipeline combined with the other model-parallel axes
+SLOW = {  # plain stages (the default run's cases cover them), 8 layers, and the other model-parallel axes
+    "stage=2": ({"stage": 2}, dict(pipeline_stages=2, pipeline_microbatches=2)),
+    "stage=4": ({"stage": 4}, dict(pipeline_stages=4, pipeline_microbatches=4, remat_policy="dots")),
     "stage=4,repeats=2": (
         {"stage": 4},
         dict(pipeline_stages=4, pipeline_microbatches=4, pipeline_repeats=2, num_layers=8),

@@ -39,7 +39,6 @@ CASES = [(m, s, k) for m in MESHES for s in STRATEGIES for k in MASKS]
 # The default run (each on rows of one document and on packed rows); --runslow adds the rest.
 FAST_CASES = [
     ("sequence=8", "all_gather", "window"),
-    ("sequence=8", "ring", "causal"),
     ("sequence=8", "ring", "window"),
     ("sequence=2,fsdp=2,tensor=2", "ring", "window"),
 ]
