@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	JAX_PLATFORMS=cpu $(PY) -m tpullm.train --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ setup(
         # Test-only: Hugging Face reference models built locally with random weights (and peft, trl as references).
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",  # make test: two workers, a test file per worker at a time
             "torch>=2.4,<2.15",
             "transformers>=4.50,<6",
             "ruff>=0.8,<1",
