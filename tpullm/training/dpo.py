@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tpullm.models import lora
 from tpullm.training import pairs
 from tpullm.training.loss import target_log_probs
-from tpullm.training.objective import Objective, apply
+from tpullm.training.objective import apply
 
 
 def sequence_log_probs(model, params, batch, rng=None):
@@ -42,7 +41,7 @@ def dpo_losses(h, beta: float, label_smoothing: float):
     return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
 
 
-class DPO(Objective):
+class DPO(pairs.PairObjective):
     """reference: the reference Decoder. With `lora_base`, it runs the policy's own params without the
     LoRA adapters (the frozen base, which is the starting policy): no second copy of the weights is
     loaded; otherwise it is a frozen model whose params arrive as frozen["reference"]."""
@@ -62,39 +61,20 @@ class DPO(Objective):
         real = pairs.real(batch["segment_ids"])
         return losses, self.beta * chosen_ratio, self.beta * rejected_ratio, chosen, rejected, real
 
-    def counts(self, model, batch):
-        return jnp.maximum(pairs.count(batch["segment_ids"]), 1.0)
-
     def sums(self, model, params, frozen, batch, rng):
         """Sums over real pairs of: loss, chosen reward, rejected reward, correct, chosen logps, rejected logps."""
         losses, chosen_r, rejected_r, chosen, rejected, real = self.pair_terms(model, params, frozen, batch, rng)
         correct = (chosen_r > rejected_r).astype(jnp.float32)
         return tuple(jnp.sum(real * x) for x in (losses, chosen_r, rejected_r, correct, chosen, rejected))
 
-    def loss(self, model, sums, counts):
-        return sums[0] / counts
-
     def metrics(self, model, sums, counts) -> dict:
         _, chosen_r, rejected_r, correct, chosen, rejected = (s / counts for s in sums)
         return {
-            "rewards/chosen": chosen_r,
-            "rewards/rejected": rejected_r,
-            "rewards/accuracies": correct,
-            "rewards/margins": chosen_r - rejected_r,
+            **pairs.reward_metrics(chosen_r, rejected_r, correct),
             "logps/chosen": chosen,
             "logps/rejected": rejected,
         }
 
     def validation_sums(self, model, params, frozen, batch):
         losses, chosen_r, rejected_r, _, _, real = self.pair_terms(model, params, frozen, batch)
-        return jnp.sum(real * losses), jnp.sum(real * (chosen_r > rejected_r)), jnp.sum(real)
-
-    def validation_metrics(self, totals) -> dict:
-        return pair_validation_metrics(totals)
-
-
-def pair_validation_metrics(totals) -> dict:
-    """val_loss and val_pair_accuracy from (loss sum, correct pairs, pairs) over held-out pairs."""
-    loss, correct, n = (float(x) for x in np.asarray(totals))
-    n = max(n, 1.0)
-    return {"val_loss": loss / n, "val_pair_accuracy": correct / n}
+        return pairs.validation_sums(losses, chosen_r, rejected_r, real)

@@ -1,4 +1,5 @@
-"""Preference pairs inside packed rows: per-sequence sums and the pairs' count.
+"""Preference pairs inside packed rows: per-sequence sums, the pairs' count, and what the pair objectives
+(DPO, reward models) share.
 
 A row holds whole pairs (tpullm/data/preference.py): segments 1, 2 are the first pair's chosen and
 rejected sequences, 3, 4 the second's, and so on; segment 0 is padding. A row of `length`
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from tpullm.training.objective import Objective
 
 
 def max_pairs(segment_ids) -> int:
@@ -43,3 +47,34 @@ def last_tokens(segment_ids):
     """float32 [batch, length]: 1 at the last position of every sequence (a reward model's readout)."""
     following = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)))  # the next position's segment, 0 past the row
     return ((segment_ids > 0) & (following != segment_ids)).astype(jnp.float32)
+
+
+class PairObjective(Objective):
+    """An objective that is a mean over the batch's preference pairs of a per-pair loss (DPO, reward
+    models): `sums` starts with the loss sum; validation reports val_loss and val_pair_accuracy."""
+
+    def counts(self, model, batch):
+        return jnp.maximum(count(batch["segment_ids"]), 1.0)
+
+    def loss(self, model, sums, counts):
+        return sums[0] / counts
+
+    def validation_metrics(self, totals) -> dict:
+        loss, correct, n = (float(x) for x in np.asarray(totals))
+        n = max(n, 1.0)
+        return {"val_loss": loss / n, "val_pair_accuracy": correct / n}
+
+
+def validation_sums(losses, chosen_rewards, rejected_rewards, real):
+    """(loss sum, pairs ranked right, pairs) over the real pairs, each input [batch, max_pairs]."""
+    return jnp.sum(real * losses), jnp.sum(real * (chosen_rewards > rejected_rewards)), jnp.sum(real)
+
+
+def reward_metrics(chosen, rejected, correct) -> dict:
+    """trl's names for the mean rewards of the chosen and rejected sequences and the share ranked right."""
+    return {
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/accuracies": correct,
+        "rewards/margins": chosen - rejected,
+    }

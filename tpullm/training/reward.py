@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tpullm.training import pairs
-from tpullm.training.dpo import pair_validation_metrics
-from tpullm.training.objective import Objective, apply
+from tpullm.training.objective import apply
 
 
 def sequence_rewards(model, params, batch, rng=None):
@@ -25,14 +24,11 @@ def sequence_rewards(model, params, batch, rng=None):
     return pairs.sequence_sums(rewards.astype(jnp.float32) * pairs.last_tokens(segment_ids), segment_ids)
 
 
-class Reward(Objective):
+class Reward(pairs.PairObjective):
     def pair_terms(self, model, params, batch, rng=None):
         """(losses, chosen rewards, rejected rewards, real), each [batch, max_pairs]."""
         chosen, rejected = sequence_rewards(model, params, batch, rng)
         return -jax.nn.log_sigmoid(chosen - rejected), chosen, rejected, pairs.real(batch["segment_ids"])
-
-    def counts(self, model, batch):
-        return jnp.maximum(pairs.count(batch["segment_ids"]), 1.0)
 
     def sums(self, model, params, frozen, batch, rng):
         """Sums over real pairs of: loss, correct, chosen reward, rejected reward."""
@@ -40,21 +36,9 @@ class Reward(Objective):
         correct = (chosen > rejected).astype(jnp.float32)
         return tuple(jnp.sum(real * x) for x in (losses, correct, chosen, rejected))
 
-    def loss(self, model, sums, counts):
-        return sums[0] / counts
-
     def metrics(self, model, sums, counts) -> dict:
         _, correct, chosen, rejected = (s / counts for s in sums)
-        return {
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/accuracies": correct,
-            "rewards/margins": chosen - rejected,
-        }
+        return pairs.reward_metrics(chosen, rejected, correct)
 
     def validation_sums(self, model, params, frozen, batch):
-        losses, chosen, rejected, real = self.pair_terms(model, params, batch)
-        return jnp.sum(real * losses), jnp.sum(real * (chosen > rejected)), jnp.sum(real)
-
-    def validation_metrics(self, totals) -> dict:
-        return pair_validation_metrics(totals)
+        return pairs.validation_sums(*self.pair_terms(model, params, batch))
